@@ -1,0 +1,23 @@
+"""`python -m kd_experiments [overrides]`: the Hydra entry point."""
+
+import sys
+
+import hydra
+from omegaconf import DictConfig
+
+from kd_experiments.errors import UserError
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+def main(cfg: DictConfig) -> float | None:
+    from kd_experiments.train import train  # heavy imports after Hydra has parsed --help / --cfg
+
+    try:
+        return train(cfg)
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,30 @@
+"""Hinton KD: the student matches the teacher's temperature-softened class distribution."""
+
+import torch
+import torch.nn.functional as F
+
+from kd_experiments.losses import kd_loss
+from kd_experiments.methods.base import DistillationMethod
+from kd_experiments.models.features import NetworkOutput
+
+
+class HintonKD(DistillationMethod):
+    """Hinton, Vinyals, Dean, "Distilling the Knowledge in a Neural Network" (2015).
+
+    Terms: `ce` = CE(z_s, y) and `kd` = T^2 * KL(softmax(z_t/T) || softmax(z_s/T)) (batchmean, see
+    `losses.kd_loss`); the YAML weights them (mdistiller's CIFAR defaults: 0.1 and 0.9, T = 4).
+    """
+
+    loss_terms = ("ce", "kd")
+
+    def __init__(self, temperature: float = 4.0):
+        super().__init__()
+        self.temperature = temperature
+
+    def forward(
+        self, student: NetworkOutput, teacher: NetworkOutput | None, targets: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        return {
+            "ce": F.cross_entropy(student.logits, targets),
+            "kd": kd_loss(student.logits, teacher.logits, self.temperature),
+        }

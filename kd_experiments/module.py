@@ -1,0 +1,141 @@
+"""The one LightningModule: a frozen teacher, a student and a distillation method. It knows no method by
+name: it asks the method which features it needs, runs the networks, and sums the named loss terms with
+their configured weights."""
+
+from collections.abc import Callable, Mapping
+
+import pytorch_lightning as pl
+import torch
+from torch import nn
+from torchmetrics import MeanMetric
+from torchmetrics.classification import MulticlassAccuracy
+
+from kd_experiments.errors import UserError
+from kd_experiments.methods.base import DistillationMethod
+from kd_experiments.models.features import extract_features
+
+OptimizerFactory = Callable[..., torch.optim.Optimizer]
+SchedulerFactory = Callable[[torch.optim.Optimizer], object]
+
+
+class DistillationModule(pl.LightningModule):
+    """Trains `student` with `method`'s loss terms, weighted by `loss_weights`.
+
+    The teacher is kept outside the module tree (a plain attribute, not a submodule), which gives every
+    freezing guarantee by construction: Lightning's `train()` calls never reach it, it is never in
+    `parameters()` (so never in the optimizer, nor wrapped by DDP), and never in `state_dict()` (checkpoints
+    record its identity instead). `_apply` still moves it with the module to each device and dtype.
+    """
+
+    def __init__(
+        self,
+        student: nn.Module,
+        method: DistillationMethod,
+        loss_weights: Mapping[str, float],
+        optimizer: OptimizerFactory,
+        num_classes: int,
+        scheduler: SchedulerFactory | None = None,
+        scheduler_interval: str = "epoch",
+        teacher: nn.Module | None = None,
+        teacher_identity: Mapping | None = None,
+    ):
+        super().__init__()
+        if set(loss_weights) != set(method.loss_terms):
+            raise UserError(
+                f"method {type(method).__name__} returns the loss terms {sorted(method.loss_terms)} but "
+                f"method.weights gives weights for {sorted(loss_weights)}; give exactly one weight per term"
+            )
+        if method.teacher_features and teacher is None:
+            raise UserError(f"method {type(method).__name__} needs a teacher; configure teacher=...")
+        self.student = student
+        self.method = method
+        self.loss_weights = dict(loss_weights)
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        self.scheduler_interval = scheduler_interval
+        self._frozen_teacher = () if teacher is None else (teacher.eval().requires_grad_(False),)
+        self.teacher_identity = dict(teacher_identity or {})
+
+        self.train_means = nn.ModuleDict({name: MeanMetric() for name in (*method.loss_terms, "loss")})
+        self.val_top1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
+        self.val_top5 = MulticlassAccuracy(num_classes, top_k=min(5, num_classes), average="micro")
+        self.teacher_val_top1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
+        self.teacher_top1: float | None = None  # measured once, at the first real validation
+        self.validation_history: list[dict] = []
+        self._measuring_teacher = False
+
+    @property
+    def teacher(self) -> nn.Module | None:
+        return self._frozen_teacher[0] if self._frozen_teacher else None
+
+    def _apply(self, fn, *args, **kwargs):
+        super()._apply(fn, *args, **kwargs)
+        for teacher in self._frozen_teacher:
+            teacher._apply(fn, *args, **kwargs)
+        return self
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.student(images)
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        images, targets = batch
+        student_out = extract_features(self.student, images, self.method.student_features)
+        teacher_out = None
+        if self.method.teacher_features:
+            # no_grad, not inference_mode: a loss may save teacher tensors for its backward.
+            with torch.no_grad():
+                teacher_out = extract_features(self.teacher, images, self.method.teacher_features)
+        terms = self.method(student_out, teacher_out, targets)
+        loss = sum(self.loss_weights[name] * value for name, value in terms.items())
+
+        batch_size = images.shape[0]
+        for name, value in (*terms.items(), ("loss", loss)):
+            value = value.detach()
+            self.log(f"train/{name}", value, on_step=True, on_epoch=False, prog_bar=name == "loss")
+            # Epoch means go through torchmetrics so that they reduce correctly across DDP ranks.
+            self.train_means[name].update(value, weight=batch_size)
+            self.log(f"train/{name}_epoch", self.train_means[name], on_step=False, on_epoch=True)
+        return loss
+
+    def on_validation_epoch_start(self) -> None:
+        self._measuring_teacher = (
+            self.teacher is not None and self.teacher_top1 is None and not self.trainer.sanity_checking
+        )
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        images, targets = batch
+        logits = self.student(images)
+        self.val_top1.update(logits, targets)
+        self.val_top5.update(logits, targets)
+        if self._measuring_teacher:
+            self.teacher_val_top1.update(self.teacher(images), targets)
+
+    def on_validation_epoch_end(self) -> None:
+        top1 = self.val_top1.compute().item() * 100
+        top5 = self.val_top5.compute().item() * 100
+        self.val_top1.reset()
+        self.val_top5.reset()
+        self.log("val/student_top1", top1, prog_bar=True)
+        self.log("val/student_top5", top5)
+        if self._measuring_teacher:
+            self.teacher_top1 = self.teacher_val_top1.compute().item() * 100
+            self.teacher_val_top1.reset()
+            self._measuring_teacher = False
+        if self.teacher_top1 is not None:
+            self.log("val/teacher_top1", self.teacher_top1)
+        if not self.trainer.sanity_checking:
+            self.validation_history.append({"epoch": self.current_epoch, "top1": top1, "top5": top5})
+
+    def configure_optimizers(self):
+        trainable = [p for p in self.parameters() if p.requires_grad]
+        optimizer = self.optimizer_factory(trainable)
+        if self.scheduler_factory is None:
+            return optimizer
+        scheduler = self.scheduler_factory(optimizer)
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": self.scheduler_interval},
+        }
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["teacher_identity"] = self.teacher_identity

@@ -1,0 +1,268 @@
+"""Where the teacher's weights come from: a checkpoint file, a timm pretrained tag, an explicit random
+init (benchmarks only), or a CE-trained teacher cached under `outputs/teachers/` and reused."""
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from kd_experiments.data.base import ClassificationData
+from kd_experiments.errors import UserError
+from kd_experiments.models import create_model
+
+log = logging.getLogger(__name__)
+
+CACHE_FORMAT = 1  # bump when the cached file layout or the training code changes meaning
+# Keys of the data config that do not change what a teacher learns.
+DATA_KEYS_IGNORED_BY_CACHE = {"num_workers", "eval_batch_size"}
+
+
+def build_teacher(
+    teacher_cfg: DictConfig, dataset_cfg: DictConfig, datamodule: ClassificationData, cache_dir: str
+) -> tuple[nn.Module, dict]:
+    """Return the teacher (weights loaded, frozen, eval mode) and its identity (arch, source, sha256)."""
+    arch = teacher_cfg.arch
+    sources = {
+        "teacher.checkpoint": teacher_cfg.get("checkpoint"),
+        "teacher.pretrained": teacher_cfg.get("pretrained"),
+        "teacher.weights": teacher_cfg.get("weights"),
+    }
+    given = [key for key, value in sources.items() if value is not None]
+    if len(given) > 1:
+        raise UserError(f"teacher weights come from one place; got {' and '.join(given)}: keep one of them")
+    weights = sources["teacher.weights"]
+    if weights is not None and weights != "random":
+        raise UserError(f"teacher.weights accepts only 'random' (benchmarks), got {weights!r}")
+
+    pretrained = sources["teacher.pretrained"] or False
+    model = _create(arch, teacher_cfg, pretrained)
+    identity = {"arch": arch, "num_classes": teacher_cfg.num_classes}
+    if sources["teacher.checkpoint"] is not None:
+        path = Path(sources["teacher.checkpoint"]).expanduser()
+        load_weights(model, read_state_dict(path), arch, str(path))
+        identity |= {"source": "checkpoint", "path": str(path.resolve()), "sha256": file_sha256(path)}
+    elif pretrained:
+        identity |= {"source": f"timm:{pretrained}", "sha256": state_dict_sha256(model.state_dict())}
+    elif weights == "random":
+        log.warning(
+            "TEACHER WEIGHTS ARE RANDOM (teacher.weights=random): distillation results are meaningless; "
+            "use this only for benchmarks"
+        )
+        identity |= {"source": "random", "sha256": state_dict_sha256(model.state_dict())}
+    elif teacher_cfg.get("train_if_missing"):
+        identity |= _cached_or_trained(model, teacher_cfg, dataset_cfg, datamodule, Path(cache_dir))
+    else:
+        raise UserError(
+            f"no weights for teacher {arch}: set teacher.checkpoint=PATH, teacher.pretrained=TAG, "
+            "teacher.train_if_missing=true (train with CE and cache), or teacher.weights=random"
+        )
+    return model.eval().requires_grad_(False), identity
+
+
+def model_kwargs(model_cfg: DictConfig) -> dict:
+    """Extra keyword arguments for create_model from a teacher/student config (`model_kwargs`)."""
+    extra = model_cfg.get("model_kwargs")
+    return {} if extra is None else OmegaConf.to_container(extra, resolve=True)
+
+
+def _create(arch: str, teacher_cfg: DictConfig, pretrained) -> nn.Module:
+    kwargs = model_kwargs(teacher_cfg)
+    try:
+        return create_model(
+            arch,
+            num_classes=teacher_cfg.num_classes,
+            pretrained=pretrained,
+            in_chans=teacher_cfg.in_chans,
+            **kwargs,
+        )
+    except UserError:
+        raise
+    except Exception as error:  # a hub download or a timm kwarg failing: say which teacher and why
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UserError(f"could not build teacher {arch} (pretrained={pretrained!r}): {first_line}") from None
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """Read a state dict from a plain state_dict file, a Lightning checkpoint (our own: the student's
+    weights) or an mdistiller/RepDistiller file ({'model': state_dict}). Always `weights_only=True`."""
+    if not path.is_file():
+        raise UserError(f"teacher checkpoint not found: {path}; set teacher.checkpoint to an existing file")
+    try:
+        content = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UserError(f"could not read teacher checkpoint {path}: {reason}") from None
+    state_dict = content
+    if isinstance(content, Mapping) and isinstance(content.get("state_dict"), Mapping):
+        state_dict = content["state_dict"]
+        student_keys = {k[len("student.") :]: v for k, v in state_dict.items() if k.startswith("student.")}
+        state_dict = student_keys or state_dict
+    elif isinstance(content, Mapping) and isinstance(content.get("model"), Mapping):
+        state_dict = content["model"]
+    if not isinstance(state_dict, Mapping) or not all(
+        isinstance(v, torch.Tensor) for v in state_dict.values()
+    ):
+        raise UserError(
+            f"teacher checkpoint {path} holds a {type(content).__name__}, not a state dict of tensors; "
+            "pass a state_dict file, a Lightning .ckpt, or an mdistiller {'model': state_dict} file"
+        )
+    return {key.removeprefix("module."): value for key, value in state_dict.items()}
+
+
+def load_weights(model: nn.Module, state_dict: Mapping[str, torch.Tensor], arch: str, where: str) -> None:
+    """Load strictly; on any mismatch stop with one line listing the mismatched keys."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    wrong_shape = [
+        f"{k} {list(state_dict[k].shape)} vs {list(v.shape)}"
+        for k, v in expected.items()
+        if k in state_dict and state_dict[k].shape != v.shape
+    ]
+    if missing or unexpected or wrong_shape:
+        parts = []
+        for label, keys in (
+            ("missing", missing),
+            ("unexpected", unexpected),
+            ("shape (file vs model)", wrong_shape),
+        ):
+            if keys:
+                shown = ", ".join(keys[:4]) + (f", ... ({len(keys)} in all)" if len(keys) > 4 else "")
+                parts.append(f"{label}: {shown}")
+        raise UserError(f"teacher checkpoint {where} does not fit {arch}: {'; '.join(parts)}")
+    model.load_state_dict(state_dict)
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def state_dict_sha256(state_dict: Mapping[str, torch.Tensor]) -> str:
+    """Content hash of the tensors (names + raw bytes), independent of how they were serialised."""
+    digest = hashlib.sha256()
+    for key in sorted(state_dict):
+        digest.update(key.encode())
+        digest.update(
+            state_dict[key].detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+        )
+    return digest.hexdigest()
+
+
+def teacher_cache_key(teacher_cfg: DictConfig, dataset_cfg: DictConfig) -> str:
+    """Hash of everything that decides what a CE-trained teacher learns: arch, data, recipe, seed."""
+    dataset = OmegaConf.to_container(dataset_cfg, resolve=True)
+    payload = {
+        "format": CACHE_FORMAT,
+        "arch": teacher_cfg.arch,
+        "num_classes": teacher_cfg.num_classes,
+        "in_chans": teacher_cfg.in_chans,
+        "model_kwargs": model_kwargs(teacher_cfg),
+        "dataset": {k: v for k, v in dataset.items() if k not in DATA_KEYS_IGNORED_BY_CACHE},
+        "recipe": OmegaConf.to_container(teacher_cfg.recipe, resolve=True),
+        "seed": teacher_cfg.seed,
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _cached_or_trained(
+    model: nn.Module,
+    teacher_cfg: DictConfig,
+    dataset_cfg: DictConfig,
+    datamodule: ClassificationData,
+    cache_dir: Path,
+) -> dict:
+    key = teacher_cache_key(teacher_cfg, dataset_cfg)
+    weights_path = cache_dir / f"{teacher_cfg.arch}-{datamodule.name}-{key}.pt"
+    meta_path = weights_path.with_suffix(".json")
+    if weights_path.is_file() and meta_path.is_file():
+        load_weights(model, read_state_dict(weights_path), teacher_cfg.arch, str(weights_path))
+        meta = json.loads(meta_path.read_text())
+        log.info(f"Teacher {teacher_cfg.arch}: reusing cached weights {weights_path}")
+        return {
+            "source": "cache",
+            "path": str(weights_path.resolve()),
+            "sha256": file_sha256(weights_path),
+        } | {
+            "trained_top1": meta.get("val_top1"),
+            "train_s": meta.get("train_s"),
+        }
+
+    recipe = teacher_cfg.recipe
+    log.info(
+        f"Teacher {teacher_cfg.arch}: no cached weights for this data/recipe/seed; training it with CE for "
+        f"{recipe.max_epochs} epochs, then caching it at {weights_path}"
+    )
+    started = time.perf_counter()
+    val_top1 = _train_with_cross_entropy(model, datamodule, recipe, teacher_cfg.seed)
+    train_s = time.perf_counter() - started
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    _atomic_torch_save(model.state_dict(), weights_path)
+    meta = {"arch": teacher_cfg.arch, "key": key, "val_top1": val_top1, "train_s": round(train_s, 2)}
+    meta |= {"recipe": OmegaConf.to_container(recipe, resolve=True), "seed": teacher_cfg.seed}
+    _atomic_write_text(json.dumps(meta, indent=2), meta_path)
+    log.info(f"Teacher {teacher_cfg.arch}: val top-1 {val_top1:.2f}% after {train_s:.1f}s; cached")
+    return {"source": "trained", "path": str(weights_path.resolve()), "sha256": file_sha256(weights_path)} | {
+        "trained_top1": val_top1,
+        "train_s": round(train_s, 2),
+    }
+
+
+def _train_with_cross_entropy(
+    model: nn.Module, datamodule: ClassificationData, recipe: DictConfig, seed: int
+) -> float:
+    # Imported here: the module imports this file's siblings, and teacher training is the rare path.
+    from kd_experiments.callbacks import progress_bar
+    from kd_experiments.methods.ce import CrossEntropy
+    from kd_experiments.module import DistillationModule
+
+    pl.seed_everything(seed, workers=True, verbose=False)
+    module = DistillationModule(
+        student=model,
+        method=CrossEntropy(),
+        loss_weights={"ce": 1.0},
+        optimizer=instantiate(recipe.optimizer),
+        scheduler=instantiate(recipe.scheduler) if recipe.get("scheduler") else None,
+        num_classes=datamodule.num_classes,
+    )
+    trainer = pl.Trainer(
+        max_epochs=recipe.max_epochs,
+        accelerator=recipe.get("accelerator", "auto"),
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        check_val_every_n_epoch=recipe.max_epochs,  # one validation, at the end
+        callbacks=[progress_bar()],
+    )
+    trainer.fit(module, datamodule=datamodule)
+    model.cpu()
+    return module.validation_history[-1]["top1"]
+
+
+def _atomic_torch_save(obj, path: Path) -> None:
+    descriptor, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    os.close(descriptor)
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _atomic_write_text(text: str, path: Path) -> None:
+    descriptor, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    with os.fdopen(descriptor, "w") as handle:
+        handle.write(text)
+    os.replace(tmp, path)

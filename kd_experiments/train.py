@@ -1,0 +1,219 @@
+"""compose -> instantiate -> fit -> summary.json: one run of the framework."""
+
+import json
+import logging
+import os
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
+from rich.console import Console
+from rich.table import Table
+
+from kd_experiments.callbacks import TrainThroughput, progress_bar
+from kd_experiments.data.base import ClassificationData
+from kd_experiments.errors import UserError
+from kd_experiments.models import create_model, extract_features
+from kd_experiments.module import DistillationModule
+from kd_experiments.teachers import build_teacher, model_kwargs
+
+log = logging.getLogger(__name__)
+
+# In-memory data sets need no loader workers; Lightning's advice to add some is noise here.
+warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+warnings.filterwarnings("ignore", message=".*`isinstance\\(treespec, LeafSpec\\)` is deprecated.*")
+
+
+def train(cfg: DictConfig) -> float | None:
+    """Run one experiment; return the best student top-1 (what a sweeper optimises)."""
+    started = time.perf_counter()
+    output_dir = Path(cfg.paths.output_dir).resolve()
+    summary_path = output_dir / "summary.json"
+    if summary_path.exists():
+        raise UserError(f"{output_dir} already holds a finished run (summary.json); pick a new hydra.run.dir")
+    summary = {
+        "status": "running",
+        "method": cfg.method.name,
+        "teacher": cfg.teacher.arch,
+        "student": cfg.student.arch,
+        "dataset": cfg.dataset.name,
+        "seed": cfg.seed,
+        "overrides": _task_overrides(),
+        "output_dir": str(output_dir),
+    }
+    try:
+        summary |= _fit(cfg, output_dir)
+        summary["status"] = "completed"
+    except BaseException as error:
+        summary |= {"status": "failed", "error": f"{type(error).__name__}: {error}"}
+        raise
+    finally:
+        summary["wall_s"] = round(time.perf_counter() - started, 2)
+        write_json_atomically(summary, summary_path)
+    _print_result_table(summary)
+    return summary["student_top1_best"]
+
+
+def _fit(cfg: DictConfig, output_dir: Path) -> dict:
+    torch.set_float32_matmul_precision(cfg.get("matmul_precision", "highest"))
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    datamodule: ClassificationData = instantiate(cfg.dataset)
+    datamodule.setup("fit")
+    for role in ("teacher", "student"):
+        if cfg[role].num_classes != datamodule.num_classes:
+            raise UserError(
+                f"{role}.num_classes={cfg[role].num_classes} but dataset {cfg.dataset.name} has "
+                f"{datamodule.num_classes} classes; set {role}.num_classes={datamodule.num_classes}"
+            )
+
+    teacher, teacher_identity = build_teacher(
+        cfg.teacher, cfg.dataset, datamodule, cfg.paths.teacher_cache_dir
+    )
+    # Re-seed so that the student's initialisation does not depend on how the teacher was obtained.
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    student = create_model(
+        cfg.student.arch,
+        num_classes=cfg.student.num_classes,
+        pretrained=cfg.student.get("pretrained") or False,
+        in_chans=cfg.student.in_chans,
+        **model_kwargs(cfg.student),
+    )
+    method = instantiate(cfg.method.objective)
+    _setup_method(method, student, teacher, datamodule)
+
+    scheduler_cfg = OmegaConf.to_container(cfg.scheduler, resolve=True) if cfg.scheduler else {}
+    scheduler_interval = scheduler_cfg.pop("interval", "epoch")
+    module = DistillationModule(
+        student=student,
+        method=method,
+        loss_weights=OmegaConf.to_container(cfg.method.weights, resolve=True),
+        optimizer=instantiate(cfg.optimizer),
+        scheduler=instantiate(scheduler_cfg) if scheduler_cfg else None,
+        scheduler_interval=scheduler_interval,
+        num_classes=datamodule.num_classes,
+        teacher=teacher,
+        teacher_identity=teacher_identity,
+    )
+
+    logger = instantiate(cfg.logger, **_logger_names(cfg.logger, output_dir)) if cfg.logger else False
+    throughput = TrainThroughput()
+    callbacks = [throughput, *_standard_callbacks(cfg, output_dir, has_logger=bool(logger))]
+    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger)
+    if logger:
+        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    trainer.fit(module, datamodule=datamodule)
+
+    history = module.validation_history
+    checkpoint = next((c for c in callbacks if isinstance(c, ModelCheckpoint)), None)
+    return {
+        "student_top1": history[-1]["top1"] if history else None,
+        "student_top1_best": max(h["top1"] for h in history) if history else None,
+        "student_top5": history[-1]["top5"] if history else None,
+        "teacher_top1": module.teacher_top1,
+        "teacher_source": teacher_identity.get("source"),
+        "teacher_sha256": teacher_identity.get("sha256"),
+        "epochs": trainer.current_epoch,
+        "steps": trainer.global_step,
+        "train_images_per_s": round(throughput.images_per_s, 1) if throughput.images_per_s else None,
+        "best_checkpoint": (checkpoint.best_model_path or None) if checkpoint else None,
+        "last_checkpoint": (checkpoint.last_model_path or None) if checkpoint else None,
+    }
+
+
+def _setup_method(method, student, teacher, datamodule: ClassificationData) -> None:
+    """Let the method size its projectors from one probe batch, without touching BatchNorm statistics."""
+    probe_images = next(iter(datamodule.train_dataloader()))[0][:2]
+    student.eval()
+    with torch.no_grad():
+        student_probe = extract_features(student, probe_images, method.student_features | {"logits"})
+        teacher_probe = (
+            extract_features(teacher, probe_images, method.teacher_features)
+            if method.teacher_features
+            else None
+        )
+    student.train()
+    method.setup(student_probe, teacher_probe)
+
+
+def _standard_callbacks(cfg: DictConfig, output_dir: Path, has_logger: bool) -> list[pl.Callback]:
+    trainer_cfg = cfg.trainer
+    callbacks: list[pl.Callback] = []
+    if trainer_cfg.get("enable_checkpointing", True):
+        validates = trainer_cfg.get("limit_val_batches", 1.0) != 0
+        callbacks.append(
+            ModelCheckpoint(
+                dirpath=output_dir / "checkpoints",
+                filename="best-epoch{epoch:03d}",
+                auto_insert_metric_name=False,
+                monitor="val/student_top1" if validates else None,
+                mode="max",
+                save_top_k=1 if validates else 0,
+                save_last=True,
+            )
+        )
+    if trainer_cfg.get("enable_progress_bar", True):
+        callbacks.append(progress_bar())
+    if has_logger:
+        callbacks.append(LearningRateMonitor(logging_interval="epoch"))
+    return callbacks
+
+
+def _logger_names(logger_cfg: DictConfig, output_dir: Path) -> dict:
+    """W&B name and group: the run directory's name, and for a multirun the sweep as the group."""
+    if "wandb_logger" not in str(logger_cfg.get("_target_", "")):
+        return {}
+    names = {}
+    hydra_cfg = HydraConfig.get() if HydraConfig.initialized() else None
+    multirun = hydra_cfg is not None and hydra_cfg.mode == RunMode.MULTIRUN
+    if logger_cfg.get("group") is None and multirun:
+        names["group"] = Path(hydra_cfg.sweep.dir).name
+    if logger_cfg.get("name") is None:
+        override_text = hydra_cfg.job.override_dirname if hydra_cfg else ""
+        names["name"] = (
+            f"{output_dir.name}:{override_text}" if multirun and override_text else output_dir.name
+        )
+    return names
+
+
+def _task_overrides() -> list[str]:
+    if not HydraConfig.initialized():
+        return []
+    return list(HydraConfig.get().overrides.task)
+
+
+def write_json_atomically(payload: dict, path: Path) -> None:
+    """Write to a temporary file beside `path`, then rename: a crash never leaves half a summary."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    descriptor, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(descriptor, "w") as handle:
+        json.dump(payload, handle, indent=2, default=str)
+        handle.write("\n")
+    os.replace(tmp, path)
+
+
+def _print_result_table(summary: dict) -> None:
+    def percent(value):
+        return "-" if value is None else f"{value:.2f}%"
+
+    table = Table(title=f"{summary['method']} on {summary['dataset']} (seed {summary['seed']})")
+    table.add_column("")
+    table.add_column("top-1", justify="right")
+    table.add_row(
+        f"teacher {summary['teacher']} ({summary.get('teacher_source')})", percent(summary["teacher_top1"])
+    )
+    table.add_row(f"student {summary['student']}, last epoch", percent(summary["student_top1"]))
+    table.add_row(f"student {summary['student']}, best epoch", percent(summary["student_top1_best"]))
+    console = Console()
+    console.print(table)
+    console.print(
+        f"{summary['epochs']} epochs in {summary['wall_s']:.1f}s, "
+        f"{summary['train_images_per_s'] or '-'} train images/s; outputs: {summary['output_dir']}"
+    )

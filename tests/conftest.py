@@ -1,0 +1,66 @@
+"""Shared fixtures: run the CLI in a scratch directory, compose configs in-process, one cached teacher."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+REPO = Path(__file__).resolve().parents[1]
+CONF_DIR = str(REPO / "conf")
+
+# Small, quiet runs: the defaults with fewer epochs and no experiment logger.
+QUICK = ["trainer.max_epochs=2", "logger=none", "++trainer.enable_model_summary=false"]
+
+
+def clean_env(home: Path) -> dict:
+    """The environment of a user with no W&B credentials and no W&B mode set."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    env["HOME"] = str(home)  # no ~/.netrc with W&B credentials
+    env["WANDB_SILENT"] = "true"
+    return env
+
+
+def run_cli(
+    *args: str, cwd: Path, env: dict | None = None, timeout: int = 300
+) -> subprocess.CompletedProcess:
+    """`python -m kd_experiments ARGS` in `cwd` (so outputs/ lands there)."""
+    return subprocess.run(
+        [sys.executable, "-m", "kd_experiments", *args],
+        cwd=cwd,
+        env=env or clean_env(cwd),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def run_summaries(root: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted(root.glob("outputs/runs/*/*/summary.json"))]
+
+
+def compose_config(*overrides: str):
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return compose("config", overrides=list(overrides))
+
+
+@pytest.fixture(scope="session")
+def project_dir(tmp_path_factory) -> Path:
+    """A scratch working directory whose outputs/teachers/ holds the default teacher, trained once by a
+    first default run (so every later test reuses the cache)."""
+    root = tmp_path_factory.mktemp("project")
+    result = run_cli(*QUICK, cwd=root)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert len(list((root / "outputs/teachers").glob("convnet_wide-digits-*.pt"))) == 1
+    return root
+
+
+@pytest.fixture
+def workdir(project_dir, tmp_path) -> Path:
+    """A fresh working directory that shares the session's cached teacher (symlinked outputs/teachers)."""
+    (tmp_path / "outputs").mkdir()
+    (tmp_path / "outputs/teachers").symlink_to(project_dir / "outputs/teachers")
+    return tmp_path
