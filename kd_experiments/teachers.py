@@ -100,8 +100,7 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     try:
         content = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise UserError(f"could not read teacher checkpoint {path}: {reason}") from None
+        raise UserError(f"could not read teacher checkpoint {path}: {_describe_load_error(error)}") from None
     state_dict = content
     if isinstance(content, Mapping) and isinstance(content.get("state_dict"), Mapping):
         state_dict = content["state_dict"]
@@ -117,6 +116,18 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
             "pass a state_dict file, a Lightning .ckpt, or an mdistiller {'model': state_dict} file"
         )
     return {key.removeprefix("module."): value for key, value in state_dict.items()}
+
+
+def _describe_load_error(error: Exception) -> str:
+    """torch.load's weights_only errors run to a dozen lines; keep the part that says what is wrong."""
+    text = " ".join(str(error).split())
+    if "WeightsUnpickler error:" in text:
+        detail = text.split("WeightsUnpickler error:", 1)[1].split(" Check the documentation")[0].strip()
+        if "Unsupported global" in detail:
+            name = detail.split("GLOBAL", 1)[1].split()[0] if "GLOBAL" in detail else "a Python object"
+            return f"it stores pickled objects ({name}), not only tensors; save model.state_dict() instead"
+        return f"not a readable PyTorch checkpoint ({detail.split('. ')[0].rstrip('.')})"
+    return f"not a readable PyTorch checkpoint ({type(error).__name__}: {text[:200]})"
 
 
 def load_weights(model: nn.Module, state_dict: Mapping[str, torch.Tensor], arch: str, where: str) -> None:

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytorch_lightning as pl
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
@@ -65,7 +66,7 @@ def train(cfg: DictConfig) -> float | None:
 def _fit(cfg: DictConfig, output_dir: Path) -> dict:
     torch.set_float32_matmul_precision(cfg.get("matmul_precision", "highest"))
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
-    datamodule: ClassificationData = instantiate(cfg.dataset)
+    datamodule: ClassificationData = build(cfg.dataset, "dataset")
     datamodule.setup("fit")
     for role in ("teacher", "student"):
         if cfg[role].num_classes != datamodule.num_classes:
@@ -86,7 +87,7 @@ def _fit(cfg: DictConfig, output_dir: Path) -> dict:
         in_chans=cfg.student.in_chans,
         **model_kwargs(cfg.student),
     )
-    method = instantiate(cfg.method.objective)
+    method = build(cfg.method.objective, "method.objective")
     _setup_method(method, student, teacher, datamodule)
 
     scheduler_cfg = OmegaConf.to_container(cfg.scheduler, resolve=True) if cfg.scheduler else {}
@@ -95,18 +96,22 @@ def _fit(cfg: DictConfig, output_dir: Path) -> dict:
         student=student,
         method=method,
         loss_weights=OmegaConf.to_container(cfg.method.weights, resolve=True),
-        optimizer=instantiate(cfg.optimizer),
-        scheduler=instantiate(scheduler_cfg) if scheduler_cfg else None,
+        optimizer=build_factory(
+            cfg.optimizer, "optimizer", lambda make: make(_dummy_optimizer().param_groups[0]["params"])
+        ),
+        scheduler=build_factory(scheduler_cfg, "scheduler", lambda make: make(_dummy_optimizer()))
+        if scheduler_cfg
+        else None,
         scheduler_interval=scheduler_interval,
         num_classes=datamodule.num_classes,
         teacher=teacher,
         teacher_identity=teacher_identity,
     )
 
-    logger = instantiate(cfg.logger, **_logger_names(cfg.logger, output_dir)) if cfg.logger else False
+    logger = build(cfg.logger, "logger", **_logger_names(cfg.logger, output_dir)) if cfg.logger else False
     throughput = TrainThroughput()
     callbacks = [throughput, *_standard_callbacks(cfg, output_dir, has_logger=bool(logger))]
-    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger)
+    trainer: pl.Trainer = build(cfg.trainer, "trainer", callbacks=callbacks, logger=logger)
     if logger:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     trainer.fit(module, datamodule=datamodule)
@@ -126,6 +131,33 @@ def _fit(cfg: DictConfig, output_dir: Path) -> dict:
         "best_checkpoint": (checkpoint.best_model_path or None) if checkpoint else None,
         "last_checkpoint": (checkpoint.last_model_path or None) if checkpoint else None,
     }
+
+
+def build(node, what: str, **kwargs):
+    """hydra.utils.instantiate, with config mistakes (a bad key, a rejected value) as one-line errors."""
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as error:
+        cause = error.__cause__
+        if isinstance(cause, UserError):
+            raise cause from None
+        reason = " ".join(str(cause or error).split())
+        raise UserError(f"could not build {what} from its config: {reason}") from None
+
+
+def build_factory(node, what: str, try_call) -> object:
+    """Build a `_partial_` factory (optimizer, scheduler) and call it once on a dummy, so that a bad key
+    fails now with one line instead of deep inside `trainer.fit`."""
+    factory = build(node, what)
+    try:
+        try_call(factory)
+    except (TypeError, ValueError) as error:
+        raise UserError(f"{what} config is invalid: {error}") from None
+    return factory
+
+
+def _dummy_optimizer() -> torch.optim.Optimizer:
+    return torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
 
 
 def _setup_method(method, student, teacher, datamodule: ClassificationData) -> None:
@@ -213,7 +245,6 @@ def _print_result_table(summary: dict) -> None:
     table.add_row(f"student {summary['student']}, best epoch", percent(summary["student_top1_best"]))
     console = Console()
     console.print(table)
-    console.print(
-        f"{summary['epochs']} epochs in {summary['wall_s']:.1f}s, "
-        f"{summary['train_images_per_s'] or '-'} train images/s; outputs: {summary['output_dir']}"
-    )
+    throughput = summary["train_images_per_s"] or "-"
+    console.print(f"{summary['epochs']} epochs in {summary['wall_s']:.1f}s, {throughput} train images/s")
+    console.print(f"outputs: {summary['output_dir']}", soft_wrap=True)

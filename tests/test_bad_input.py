@@ -1,0 +1,91 @@
+"""Every bad input: a non-zero exit, one clear line on stderr, no traceback, and outputs/ left intact."""
+
+import hashlib
+
+import pytest
+import torch
+
+from kd_experiments.models import create_model
+from tests.conftest import QUICK, run_cli
+
+
+def snapshot(directory) -> dict:
+    return {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in directory.rglob("*") if p.is_file()}
+
+
+@pytest.fixture
+def bad_files(workdir):
+    (workdir / "garbage.pt").write_bytes(b"this is not a checkpoint")
+    torch.save([1, 2, 3], workdir / "a_list.pt")
+    torch.save({"model": torch.nn.Linear(2, 2)}, workdir / "pickled_module.pt")
+    torch.save(create_model("resnet20", num_classes=10, in_chans=1).state_dict(), workdir / "resnet20.pt")
+    # something earlier runs left behind, which no failed run may touch
+    previous = workdir / "outputs/runs/2020-01-01/previous_run"
+    previous.mkdir(parents=True)
+    (previous / "summary.json").write_text('{"status": "completed"}')
+    (workdir / "outputs/notes.txt").write_text("keep me")
+    return workdir
+
+
+CASES = {
+    "missing checkpoint": (
+        ["teacher.checkpoint=/no/such/teacher.pt"],
+        "teacher checkpoint not found: /no/such",
+    ),
+    "unreadable checkpoint": (
+        ["teacher.checkpoint=garbage.pt"],
+        "could not read teacher checkpoint garbage.pt",
+    ),
+    "pickled objects": (["teacher.checkpoint=pickled_module.pt"], "save model.state_dict() instead"),
+    "not a state dict": (["teacher.checkpoint=a_list.pt"], "holds a list, not a state dict"),
+    "wrong architecture": (
+        ["teacher.checkpoint=resnet20.pt"],
+        "does not fit convnet_wide: missing: stem.0.weight",
+    ),
+    "teacher classes": (
+        ["teacher.num_classes=100"],
+        "teacher.num_classes=100 but dataset digits has 10 classes",
+    ),
+    "student classes": (["student.num_classes=7"], "student.num_classes=7 but dataset digits has 10 classes"),
+    "data not there": (["dataset.data_file=/no/such/digits.csv"], "not found at /no/such/digits.csv"),
+    "zero batch": (["dataset.batch_size=0"], "dataset.batch_size must be a positive integer, got 0"),
+    "negative batch": (["dataset.batch_size=-8"], "dataset.batch_size must be a positive integer, got -8"),
+    "no teacher weights": (["teacher.train_if_missing=false"], "no weights for teacher convnet_wide"),
+    "bad optimizer key": (["+optimizer.lrr=0.1"], "optimizer config is invalid"),
+    "unknown model": (["student.arch=resnet9000"], "unknown model 'resnet9000'"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_bad_input_is_one_clear_line(bad_files, case):
+    overrides, message = CASES[case]
+    before = snapshot(bad_files / "outputs")
+    result = run_cli(*QUICK, *overrides, cwd=bad_files)
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: ") and message in lines[0], lines[0]
+    assert "Traceback" not in result.stdout + result.stderr
+    after = snapshot(bad_files / "outputs")
+    assert all(after.get(path) == digest for path, digest in before.items()), "an earlier output changed"
+    # the failed run still leaves an honest record in its own new directory
+    failed = [p for p in after if p.name == "summary.json" and p not in before]
+    assert len(failed) == 1 and '"status": "failed"' in failed[0].read_text()
+
+
+def test_unknown_group_option_lists_the_options(bad_files):
+    before = snapshot(bad_files / "outputs")
+    result = run_cli("method=no_such_method", cwd=bad_files)
+    assert result.returncode != 0
+    assert "Could not find 'method/no_such_method'" in result.stderr
+    assert "Available options in 'method'" in result.stderr and "kd" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert snapshot(bad_files / "outputs") == before
+
+
+def test_a_finished_run_directory_is_never_overwritten(bad_files):
+    previous = bad_files / "outputs/runs/2020-01-01/previous_run"
+    result = run_cli(*QUICK, f"hydra.run.dir={previous}", cwd=bad_files)
+    assert result.returncode == 2
+    assert "already holds a finished run" in result.stderr
+    assert (previous / "summary.json").read_text() == '{"status": "completed"}'
