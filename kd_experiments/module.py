@@ -79,12 +79,13 @@ class DistillationModule(pl.LightningModule):
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         images, targets = batch
-        student_out = extract_features(self.student, images, self.method.student_features)
         teacher_out = None
         if self.method.teacher_features:
-            # no_grad, not inference_mode: a loss may save teacher tensors for its backward.
+            # no_grad, not inference_mode: a loss may save teacher tensors for its backward. The teacher
+            # runs first, so its activations are freed before the student's autograd graph holds memory.
             with torch.no_grad():
                 teacher_out = extract_features(self.teacher, images, self.method.teacher_features)
+        student_out = extract_features(self.student, images, self.method.student_features)
         terms = self.method(student_out, teacher_out, targets)
         loss = sum(self.loss_weights[name] * value for name, value in terms.items())
 

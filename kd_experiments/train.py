@@ -162,7 +162,7 @@ def _dummy_optimizer() -> torch.optim.Optimizer:
 
 def _setup_method(method, student, teacher, datamodule: ClassificationData) -> None:
     """Let the method size its projectors from one probe batch, without touching BatchNorm statistics."""
-    probe_images = next(iter(datamodule.train_dataloader()))[0][:2]
+    probe_images = torch.stack([datamodule.train_set[index][0] for index in range(2)])
     student.eval()
     with torch.no_grad():
         student_probe = extract_features(student, probe_images, method.student_features | {"logits"})

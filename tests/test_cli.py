@@ -111,6 +111,13 @@ def test_csv_logger_records_loss_terms_and_metrics(workdir):
     assert "train/images_per_s" in header and "lr-SGD" in header
 
 
+def test_tensorboard_logger_writes_event_files(workdir):
+    result = run_cli("trainer.max_epochs=1", "logger=tensorboard", cwd=workdir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (events,) = workdir.glob("outputs/runs/*/*/tensorboard/events.out.tfevents.*")
+    assert b"val/student_top1" in events.read_bytes()
+
+
 def test_the_documented_benchmark_command_runs(workdir):
     result = run_cli(
         "dataset=fake", "dataset.image_size=32", "dataset.num_classes=100", "dataset.batch_size=64",
