@@ -32,7 +32,10 @@ class ForgivingWandbLogger(WandbLogger):
             return call(*args, **kwargs)
         except Exception as error:
             self._failed = True
-            log.warning(f"W&B logging failed ({type(error).__name__}: {error}); the run continues without it")
+            reason = " ".join(str(error).split())[:300]
+            log.warning(
+                f"W&B logging failed ({type(error).__name__}: {reason}); the run continues without it"
+            )
             return None
 
     @rank_zero_only
@@ -82,4 +85,14 @@ def wandb_logger(
         log.warning(
             f"W&B could not start ({type(error).__name__}: {error}); logging to CSV in {save_dir} instead"
         )
-        return CSVLogger(save_dir=save_dir, name="csv")
+        return CSVLogger(save_dir=save_dir, name="csv", version="")
+
+
+def finish_logger(logger) -> None:
+    """End the W&B run of this job: Lightning leaves it open, and the next job of a multirun (same
+    process) would otherwise log into it."""
+    if isinstance(logger, WandbLogger) and logger._experiment is not None:
+        try:
+            logger._experiment.finish()
+        except Exception as error:
+            log.warning(f"W&B could not finish the run cleanly ({type(error).__name__}: {error})")

@@ -52,7 +52,8 @@ def build_teacher(
         load_weights(model, read_state_dict(path), arch, str(path))
         identity |= {"source": "checkpoint", "path": str(path.resolve()), "sha256": file_sha256(path)}
     elif pretrained:
-        identity |= {"source": f"timm:{pretrained}", "sha256": state_dict_sha256(model.state_dict())}
+        tag = "default" if pretrained is True else pretrained
+        identity |= {"source": f"timm:{tag}", "sha256": state_dict_sha256(model.state_dict())}
     elif weights == "random":
         log.warning(
             "TEACHER WEIGHTS ARE RANDOM (teacher.weights=random): distillation results are meaningless; "

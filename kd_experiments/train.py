@@ -22,6 +22,7 @@ from rich.table import Table
 from kd_experiments.callbacks import TrainThroughput, progress_bar
 from kd_experiments.data.base import ClassificationData
 from kd_experiments.errors import UserError
+from kd_experiments.loggers import finish_logger
 from kd_experiments.models import create_model, extract_features
 from kd_experiments.module import DistillationModule
 from kd_experiments.teachers import build_teacher, model_kwargs
@@ -112,9 +113,12 @@ def _fit(cfg: DictConfig, output_dir: Path) -> dict:
     throughput = TrainThroughput()
     callbacks = [throughput, *_standard_callbacks(cfg, output_dir, has_logger=bool(logger))]
     trainer: pl.Trainer = build(cfg.trainer, "trainer", callbacks=callbacks, logger=logger)
-    if logger:
-        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
-    trainer.fit(module, datamodule=datamodule)
+    try:
+        if logger:
+            logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+        trainer.fit(module, datamodule=datamodule)
+    finally:
+        finish_logger(logger)
 
     history = module.validation_history
     checkpoint = next((c for c in callbacks if isinstance(c, ModelCheckpoint)), None)

@@ -87,6 +87,20 @@ def test_wandb_runs_offline_without_credentials_and_keeps_the_history(workdir):
     assert abs(logged_top1[-1] - summary["student_top1"]) < 1e-3
 
 
+def test_wandb_group_of_a_multirun_is_the_sweep(workdir):
+    result = run_cli(
+        "-m", "seed=0,1", "trainer.max_epochs=1", "logger=wandb", "logger.tags=[study]", cwd=workdir
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    (sweep_dir,) = workdir.glob("outputs/multirun/*/*")
+    history_files = list(sweep_dir.glob("*/wandb/offline-run-*/run-*.wandb"))
+    assert len(history_files) == 2
+    for history_file in history_files:
+        data = history_file.read_bytes()
+        assert sweep_dir.name.encode() in data  # the W&B group
+        assert b"study" in data and b"kd_experiments" in data  # tag and project from config
+
+
 def test_wandb_mode_env_is_honoured(workdir):
     env = clean_env(workdir) | {"WANDB_MODE": "disabled"}
     result = run_cli("trainer.max_epochs=1", "logger=wandb", cwd=workdir, env=env)
