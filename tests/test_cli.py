@@ -156,5 +156,7 @@ def test_help_and_cfg_job(workdir):
     shown = run_cli("method=ce", "trainer.max_epochs=3", "--cfg", "job", cwd=workdir)
     assert shown.returncode == 0
     assert "name: ce" in shown.stdout and "max_epochs: 3" in shown.stdout
+    recipe = run_cli("experiment=digits_kd", "--cfg", "job", cwd=workdir)
+    assert recipe.returncode == 0 and "temperature: 4.0" in recipe.stdout
     completion = run_cli("--shell-completion", "install=bash", cwd=workdir)
     assert completion.returncode == 0 and "complete" in completion.stdout

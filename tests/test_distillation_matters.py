@@ -21,7 +21,7 @@ def run_default(method: str, seed: int, root, out) -> float:
     )
     train(cfg)
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["epochs"] == 30 and summary["teacher_source"] == "cache"
+    assert summary["epochs"] == 25 and summary["teacher_source"] == "cache"
     return summary["student_top1"]
 
 
