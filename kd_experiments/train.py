@@ -97,12 +97,14 @@ def _fit(cfg: DictConfig, output_dir: Path) -> dict:
         student=student,
         method=method,
         loss_weights=OmegaConf.to_container(cfg.method.weights, resolve=True),
-        optimizer=build_factory(
-            cfg.optimizer, "optimizer", lambda make: make(_dummy_optimizer().param_groups[0]["params"])
+        optimizer=build_factory(cfg.optimizer, "optimizer", lambda make: make(_dummy_parameters())),
+        scheduler=(
+            build_factory(
+                scheduler_cfg, "scheduler", lambda make: make(torch.optim.SGD(_dummy_parameters(), lr=0.1))
+            )
+            if scheduler_cfg
+            else None
         ),
-        scheduler=build_factory(scheduler_cfg, "scheduler", lambda make: make(_dummy_optimizer()))
-        if scheduler_cfg
-        else None,
         scheduler_interval=scheduler_interval,
         num_classes=datamodule.num_classes,
         teacher=teacher,
@@ -160,8 +162,8 @@ def build_factory(node, what: str, try_call) -> object:
     return factory
 
 
-def _dummy_optimizer() -> torch.optim.Optimizer:
-    return torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+def _dummy_parameters() -> list[torch.nn.Parameter]:
+    return [torch.nn.Parameter(torch.zeros(1))]
 
 
 def _setup_method(method, student, teacher, datamodule: ClassificationData) -> None:
