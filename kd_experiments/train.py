@@ -16,6 +16,7 @@ from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
+from pytorch_lightning.utilities import rank_zero_only
 from rich.console import Console
 from rich.table import Table
 
@@ -59,8 +60,10 @@ def train(cfg: DictConfig) -> float | None:
         raise
     finally:
         summary["wall_s"] = round(time.perf_counter() - started, 2)
-        write_json_atomically(summary, summary_path)
-    _print_result_table(summary)
+        if rank_zero_only.rank == 0:  # under DDP every rank runs this function; one writes
+            write_json_atomically(summary, summary_path)
+    if rank_zero_only.rank == 0:
+        _print_result_table(summary)
     return summary["student_top1_best"]
 
 
