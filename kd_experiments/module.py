@@ -98,6 +98,11 @@ class DistillationModule(pl.LightningModule):
             self.log(f"train/{name}_epoch", self.train_means[name], on_step=False, on_epoch=True)
         return loss
 
+    def on_train_epoch_start(self) -> None:
+        for objective in self.method.modules():  # composed objectives included
+            if isinstance(objective, DistillationMethod):
+                objective.epoch = self.current_epoch
+
     def on_validation_epoch_start(self) -> None:
         self._measuring_teacher = (
             self.teacher is not None and self.teacher_top1 is None and not self.trainer.sanity_checking

@@ -266,6 +266,57 @@ def _train_with_cross_entropy(
     return module.validation_history[-1]["top1"]
 
 
+def prepare_teacher_statistics(
+    method: nn.Module,
+    teacher: nn.Module,
+    teacher_identity: dict,
+    dataset_cfg: DictConfig,
+    datamodule: ClassificationData,
+    cache_dir: str,
+) -> None:
+    """Give every objective that declares `statistics_name` its teacher statistics (ND's class centres,
+    LSHFM's hash bias): from the cache when this teacher (sha256), data config and statistic were seen
+    before, otherwise computed in one eval-mode pass over the training split and cached. A cache entry of
+    another teacher or data set can never match, since both are in the key."""
+    from kd_experiments.methods.base import DistillationMethod
+
+    for objective in method.modules():
+        if not isinstance(objective, DistillationMethod) or objective.statistics_name is None:
+            continue
+        dataset = OmegaConf.to_container(dataset_cfg, resolve=True)
+        payload = {
+            "format": CACHE_FORMAT,
+            "statistic": objective.statistics_name,
+            "teacher_sha256": teacher_identity["sha256"],
+            "teacher_arch": teacher_identity["arch"],
+            "dataset": {k: v for k, v in dataset.items() if k not in DATA_KEYS_IGNORED_BY_CACHE},
+        }
+        key = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+        path = (
+            Path(cache_dir)
+            / "statistics"
+            / f"{objective.statistics_name}-{teacher_identity['arch']}-{key}.pt"
+        )
+        if path.is_file():
+            statistics = torch.load(path, map_location="cpu", weights_only=True)
+            log.info(f"Teacher statistics {objective.statistics_name}: reusing {path}")
+        else:
+            device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+            started = time.perf_counter()
+            teacher.to(device)
+            with torch.no_grad():
+                statistics = objective.compute_teacher_statistics(teacher, datamodule.train_dataloader())
+            teacher.cpu()
+            statistics = {name: value.cpu() for name, value in statistics.items()}
+            path.parent.mkdir(parents=True, exist_ok=True)
+            _atomic_torch_save(statistics, path)
+            log.info(
+                f"Teacher statistics {objective.statistics_name}: computed in "
+                f"{time.perf_counter() - started:.2f}s on {device}, cached at {path}"
+            )
+        objective.set_teacher_statistics(statistics)
+
+
 def _atomic_torch_save(obj, path: Path) -> None:
     descriptor, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
     os.close(descriptor)

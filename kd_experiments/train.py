@@ -26,7 +26,7 @@ from kd_experiments.errors import UserError
 from kd_experiments.loggers import finish_logger
 from kd_experiments.models import create_model, extract_features
 from kd_experiments.module import DistillationModule
-from kd_experiments.teachers import build_teacher, model_kwargs
+from kd_experiments.teachers import build_teacher, model_kwargs, prepare_teacher_statistics
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +93,10 @@ def _fit(cfg: DictConfig, output_dir: Path) -> dict:
     )
     method = build(cfg.method.objective, "method.objective")
     _setup_method(method, student, teacher, datamodule)
+    if teacher is not None:
+        prepare_teacher_statistics(
+            method, teacher, teacher_identity, cfg.dataset, datamodule, cfg.paths.teacher_cache_dir
+        )
 
     scheduler_cfg = OmegaConf.to_container(cfg.scheduler, resolve=True) if cfg.scheduler else {}
     scheduler_interval = scheduler_cfg.pop("interval", "epoch")

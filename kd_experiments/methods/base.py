@@ -2,8 +2,21 @@
 
 import torch
 from torch import nn
+from torch.utils.data import DataLoader
 
 from kd_experiments.models.features import NetworkOutput
+
+
+def linear_warmup(epoch: int, warmup_epochs: int, epoch_base: int = 1) -> float:
+    """Weight of a warmed-up loss term in (0-based, Lightning) epoch `epoch`: min((epoch + base) / W, 1).
+
+    `epoch_base` fixes the counting convention of the paper's code: 1 reproduces mdistiller (epochs count
+    from 1, so the first epoch already has weight 1/W), 0 reproduces the ND and ReviewKD scripts (the first
+    epoch has weight 0). `warmup_epochs=0` means no warm-up.
+    """
+    if warmup_epochs <= 0:
+        return 1.0
+    return min((epoch + epoch_base) / warmup_epochs, 1.0)
 
 
 class DistillationMethod(nn.Module):
@@ -16,14 +29,36 @@ class DistillationMethod(nn.Module):
     and implement `forward(student, teacher, targets) -> {term: scalar tensor}`. Trainable parts (projectors)
     are ordinary submodules: they reach the optimizer and move with the model; build them in `__init__` or,
     when their shape depends on the networks, in `setup`.
+
+    Optional hooks:
+      - `setup(student_probe, teacher_probe)`: once before the optimizer is built, with one small batch's
+        features from both networks (eval mode), to size projectors;
+      - `statistics_name` + `compute_teacher_statistics` + `set_teacher_statistics`: statistics of the
+        teacher over the training split (ND's class centres, LSHFM's hash bias), computed once and cached by
+        the framework beside the teacher, keyed by the teacher's sha256, the data config and this name;
+      - `epoch`: the current (0-based) training epoch, kept up to date by the training module, for warm-ups
+        (see `linear_warmup`).
     """
 
     loss_terms: tuple[str, ...] = ()
     student_features: frozenset[str] = frozenset({"logits"})
     teacher_features: frozenset[str] = frozenset({"logits"})
+    statistics_name: str | None = None
+
+    def __init__(self):
+        super().__init__()
+        self.epoch = 0
 
     def setup(self, student_probe: NetworkOutput, teacher_probe: NetworkOutput | None) -> None:
         """Called once before the optimizer is built, with both networks' features for one small batch."""
+
+    def compute_teacher_statistics(
+        self, teacher: nn.Module, train_loader: DataLoader
+    ) -> dict[str, torch.Tensor]:
+        raise NotImplementedError(f"{type(self).__name__} sets statistics_name but computes no statistics")
+
+    def set_teacher_statistics(self, statistics: dict[str, torch.Tensor]) -> None:
+        raise NotImplementedError(f"{type(self).__name__} sets statistics_name but takes no statistics")
 
     def forward(
         self, student: NetworkOutput, teacher: NetworkOutput | None, targets: torch.Tensor

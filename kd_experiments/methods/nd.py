@@ -1,0 +1,73 @@
+"""The ND regulariser: pull the student embedding towards its teacher class centre (direction and norm)."""
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from kd_experiments.losses import nd_loss
+from kd_experiments.methods.base import DistillationMethod
+from kd_experiments.models.features import NetworkOutput, extract_features
+
+
+class EmbeddingProjector(nn.Sequential):
+    """ND's "EmbTrans" side branch, BN -> Dropout(0.5) -> Linear(D_s -> D_t), used only for the ND term
+    (the student's classifier reads the raw embedding) and discarded after training. CIFAR init: BN weight
+    1, bias 0; Linear bias 0."""
+
+    def __init__(self, student_dim: int, teacher_dim: int):
+        super().__init__(nn.BatchNorm1d(student_dim), nn.Dropout(0.5), nn.Linear(student_dim, teacher_dim))
+        nn.init.zeros_(self[2].bias)
+
+
+class NormDirection(DistillationMethod):
+    """Wang et al., "Improving Knowledge Distillation via Regularizing Feature Norm and Direction" (ICCV
+    2023); math in `losses.nd_loss`. Term: `nd`. Add it to a base objective (KD++, DKD++, DIST++) with
+    `Compose`; on its own it does not train the classifier.
+
+    Teacher statistics: the per-class mean of the teacher's embedding over the training split (training
+    augmentation, eval mode, one pass), computed once and cached by the framework.
+    """
+
+    loss_terms = ("nd",)
+    student_features = frozenset({"embedding"})
+    teacher_features = frozenset({"embedding"})
+    statistics_name = "class_centers"
+
+    def __init__(self):
+        super().__init__()
+        self.projector: nn.Module = nn.Identity()
+        self.register_buffer("class_centers", torch.empty(0), persistent=False)
+
+    def setup(self, student_probe: NetworkOutput, teacher_probe: NetworkOutput | None) -> None:
+        student_dim, teacher_dim = student_probe.embedding.shape[1], teacher_probe.embedding.shape[1]
+        if student_dim != teacher_dim:
+            self.projector = EmbeddingProjector(student_dim, teacher_dim)
+
+    def compute_teacher_statistics(
+        self, teacher: nn.Module, train_loader: DataLoader
+    ) -> dict[str, torch.Tensor]:
+        device = next(teacher.parameters()).device
+        sums, counts = None, None
+        for images, labels in train_loader:
+            embedding = extract_features(teacher, images.to(device), frozenset({"embedding"})).embedding
+            if sums is None:
+                sums = embedding.new_zeros(teacher.num_classes, embedding.shape[1])
+                counts = embedding.new_zeros(teacher.num_classes)
+            labels = labels.to(device)
+            sums.index_add_(0, labels, embedding)
+            counts.index_add_(0, labels, torch.ones_like(labels, dtype=embedding.dtype))
+        if (counts == 0).any():
+            missing = (counts == 0).nonzero().flatten().tolist()
+            raise ValueError(f"ND class centres: no training images of classes {missing[:10]}")
+        return {"class_centers": sums / counts[:, None]}
+
+    def set_teacher_statistics(self, statistics: dict[str, torch.Tensor]) -> None:
+        self.class_centers = statistics["class_centers"]
+
+    def forward(
+        self, student: NetworkOutput, teacher: NetworkOutput | None, targets: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        if targets.dim() != 1:
+            raise ValueError("ND needs class-index targets; mixed (soft) targets are not supported yet")
+        projected = self.projector(student.embedding)
+        return {"nd": nd_loss(projected, teacher.embedding, targets, self.class_centers)}

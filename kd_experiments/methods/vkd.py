@@ -1,0 +1,66 @@
+"""VkD: an orthogonal projection of the student embedding onto the normalised teacher embedding."""
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils.parametrizations import orthogonal
+
+from kd_experiments.losses import kd_loss, vkd_loss
+from kd_experiments.methods.base import DistillationMethod
+from kd_experiments.models.features import NetworkOutput
+
+
+class OrthogonalProjection(DistillationMethod):
+    """Miles, Elezi & Deng, "VkD: Improving Knowledge Distillation using Orthogonal Projections" (CVPR
+    2024), the classification form of the official code (methods.md f.1).
+
+    Terms:
+      - `ce` = CE(z_s, y);
+      - `kd` = KL(softmax(z_t) || softmax(z_s)) at T = 1 (batchmean);
+      - `vkd` = SmoothL1(P f_s, LN(f_t)) (`losses.vkd_loss`), with P a D_t x D_s matrix on the Stiefel
+        manifold: orthonormal columns (P^T P = I) when D_t >= D_s, orthonormal rows (P P^T = I)
+        otherwise. With `normalize_teacher=False` the target is the raw f_t (an ablation).
+    The official total is L_ce + L_kl + L_rep, all weights 1 (the YAML holds them).
+
+    `projector="linear"` replaces P by an unconstrained Linear without bias (the ablation of the
+    orthogonality constraint). The projector is a side branch, discarded after training.
+    """
+
+    loss_terms = ("ce", "kd", "vkd")
+    student_features = frozenset({"logits", "embedding"})
+    teacher_features = frozenset({"logits", "embedding"})
+
+    def __init__(
+        self,
+        projector: Literal["orthogonal", "linear"] = "orthogonal",
+        normalize_teacher: bool = True,
+        temperature: float = 1.0,
+    ):
+        super().__init__()
+        if projector not in ("orthogonal", "linear"):
+            raise ValueError(f"VkD projector must be 'orthogonal' or 'linear', got {projector!r}")
+        self.projector_kind = projector
+        self.normalize_teacher, self.temperature = normalize_teacher, temperature
+        self.projector: nn.Module = nn.Identity()
+
+    def setup(self, student_probe: NetworkOutput, teacher_probe: NetworkOutput | None) -> None:
+        student_dim, teacher_dim = student_probe.embedding.shape[1], teacher_probe.embedding.shape[1]
+        linear = nn.Linear(student_dim, teacher_dim, bias=False)
+        # torch's default map (Householder for non-square weights) keeps the smaller Gram matrix exactly I.
+        self.projector = orthogonal(linear) if self.projector_kind == "orthogonal" else linear
+
+    def forward(
+        self, student: NetworkOutput, teacher: NetworkOutput | None, targets: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        projected = self.projector(student.embedding)
+        if self.normalize_teacher:
+            representation = vkd_loss(projected, teacher.embedding)
+        else:
+            representation = F.smooth_l1_loss(projected, teacher.embedding.detach(), beta=1.0)
+        return {
+            "ce": F.cross_entropy(student.logits, targets),
+            "kd": kd_loss(student.logits, teacher.logits, self.temperature),
+            "vkd": representation,
+        }

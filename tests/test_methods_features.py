@@ -1,0 +1,145 @@
+"""Feature-based methods (FitNet, SRD, VkD): projectors sized in setup, outside the student and trained;
+VkD's projector stays orthogonal; each YAML composes to its class with one weight per term."""
+
+import hydra
+import pytest
+import torch
+
+from kd_experiments.methods.fitnet import ConvRegressor, FitNet
+from kd_experiments.methods.srd import SimpleRecipeDistillation
+from kd_experiments.methods.vkd import OrthogonalProjection
+from kd_experiments.models import create_model, extract_features
+from kd_experiments.models.features import NetworkOutput
+from tests.conftest import compose_config
+
+ALL_FEATURES = frozenset({"logits", "embedding", "stages"})
+
+
+def probes(batch: int = 4) -> tuple[NetworkOutput, NetworkOutput, torch.Tensor]:
+    """Student and teacher features of mismatched widths (embedding 16 vs 256, stage maps 8 vs 128
+    channels), with the student side requiring grad as it would in training."""
+    torch.manual_seed(0)
+    images = torch.randn(batch, 1, 8, 8)
+    student = create_model("convnet_narrow", 10, in_chans=1).eval()
+    teacher = create_model("convnet_wide", 10, in_chans=1).eval()
+    student_out = extract_features(student, images, ALL_FEATURES)
+    with torch.no_grad():
+        teacher_out = extract_features(teacher, images, ALL_FEATURES)
+    return student_out, teacher_out, torch.randint(0, 10, (batch,))
+
+
+def projector_of(method) -> torch.nn.Module:
+    return method.regressor if isinstance(method, FitNet) else method.projector
+
+
+METHODS = {
+    "srd": lambda: SimpleRecipeDistillation(),
+    "srd-correlation": lambda: SimpleRecipeDistillation(distance="correlation"),
+    "vkd": lambda: OrthogonalProjection(),
+    "vkd-linear-raw": lambda: OrthogonalProjection(projector="linear", normalize_teacher=False),
+    "fitnet": lambda: FitNet(),
+    "fitnet-embedding": lambda: FitNet(target="embedding"),
+}
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_terms_are_finite_scalars_and_train_the_projector(name):
+    student_out, teacher_out, targets = probes()
+    method = METHODS[name]()
+    method.setup(student_out, teacher_out)
+    terms = method(student_out, teacher_out, targets)
+    assert tuple(terms) == method.loss_terms
+    for term, value in terms.items():
+        assert value.dim() == 0 and torch.isfinite(value), term
+    feature_term = method.loss_terms[-1]
+    terms[feature_term].backward()
+    projector_params = list(projector_of(method).parameters())
+    assert projector_params and all(p.grad is not None and p.grad.abs().sum() > 0 for p in projector_params)
+
+
+@pytest.mark.parametrize("name", ["srd", "vkd", "fitnet"])
+def test_projector_is_a_method_submodule_not_a_student_one(name):
+    student = create_model("convnet_narrow", 10, in_chans=1)
+    teacher = create_model("convnet_wide", 10, in_chans=1).eval()
+    images = torch.randn(2, 1, 8, 8)
+    method = METHODS[name]()
+    method.setup(
+        extract_features(student.eval(), images, ALL_FEATURES),
+        extract_features(teacher, images, ALL_FEATURES),
+    )
+    projector_params = {id(p) for p in projector_of(method).parameters()}
+    assert projector_params and projector_params <= {id(p) for p in method.parameters()}
+    assert not projector_params & {id(p) for p in student.parameters()}
+
+
+def test_srd_projector_is_linear_with_bias_to_the_teacher_dim():
+    student_out, teacher_out, _ = probes()
+    method = SimpleRecipeDistillation()
+    method.setup(student_out, teacher_out)
+    assert isinstance(method.projector, torch.nn.Linear)
+    assert (method.projector.in_features, method.projector.out_features) == (16, 256)
+    assert method.projector.bias is not None and method.projector.bias.requires_grad
+
+
+@pytest.mark.parametrize("dims", [(16, 256), (256, 16)])
+def test_vkd_projector_stays_orthogonal_under_sgd(dims):
+    student_dim, teacher_dim = dims
+    torch.manual_seed(0)
+    method = OrthogonalProjection()
+    method.setup(
+        NetworkOutput(torch.zeros(2, 10), torch.zeros(2, student_dim)),
+        NetworkOutput(torch.zeros(2, 10), torch.zeros(2, teacher_dim)),
+    )
+    optimizer = torch.optim.SGD(method.parameters(), lr=0.1)
+    for _ in range(100):
+        student = NetworkOutput(torch.randn(8, 10), torch.randn(8, student_dim))
+        teacher = NetworkOutput(torch.randn(8, 10), torch.randn(8, teacher_dim) * 3 + 1)
+        optimizer.zero_grad()
+        method(student, teacher, torch.randint(0, 10, (8,)))["vkd"].backward()
+        optimizer.step()
+    weight = method.projector.weight.detach()  # teacher_dim × student_dim
+    assert weight.shape == (teacher_dim, student_dim)
+    gram = weight.T @ weight if teacher_dim >= student_dim else weight @ weight.T
+    torch.testing.assert_close(gram, torch.eye(min(dims)), atol=1e-5, rtol=0)
+
+
+def test_fitnet_regressor_follows_mdistiller_convreg_shapes():
+    cases = {  # student (C, H) -> teacher (C, H): expected conv
+        ((8, 8), (32, 4)): (torch.nn.Conv2d, (3, 3), (2, 2)),
+        ((8, 4), (32, 8)): (torch.nn.ConvTranspose2d, (4, 4), (2, 2)),
+        ((8, 4), (32, 4)): (torch.nn.Conv2d, (1, 1), (1, 1)),
+        ((8, 6), (32, 4)): (torch.nn.Conv2d, (3, 3), (1, 1)),
+    }
+    for ((s_c, s_h), (t_c, t_h)), (kind, kernel, stride) in cases.items():
+        regressor = ConvRegressor(torch.Size((2, s_c, s_h, s_h)), torch.Size((2, t_c, t_h, t_h)))
+        conv, norm, _ = regressor
+        assert type(conv) is kind and conv.kernel_size == kernel and conv.stride == stride
+        assert isinstance(norm, torch.nn.BatchNorm2d)
+        assert regressor(torch.randn(2, s_c, s_h, s_h)).shape == (2, t_c, t_h, t_h)
+    with pytest.raises(ValueError, match="hint_layer"):
+        ConvRegressor(torch.Size((2, 8, 2, 2)), torch.Size((2, 32, 8, 8)))
+
+
+def test_fitnet_reads_the_configured_features():
+    assert FitNet().teacher_features == {"stages"}
+    assert FitNet(target="embedding").teacher_features == {"embedding"}
+    student_out, teacher_out, _ = probes()
+    method = FitNet(hint_layer=2)
+    method.setup(student_out, teacher_out)
+    assert method.regressor(student_out.stages[2]).shape == teacher_out.stages[2].shape
+
+
+@pytest.mark.parametrize(
+    "name, cls, weights",
+    [
+        ("srd", SimpleRecipeDistillation, {"ce": 1.0, "kd": 1.0, "srd": 2.0}),
+        ("vkd", OrthogonalProjection, {"ce": 1.0, "kd": 1.0, "vkd": 1.0}),
+        ("fitnet", FitNet, {"ce": 1.0, "fitnet": 100.0}),
+    ],
+)
+def test_yaml_composes_to_the_method_with_one_weight_per_term(name, cls, weights):
+    cfg = compose_config(f"method={name}")
+    objective = hydra.utils.instantiate(cfg.method.objective)
+    assert type(objective) is cls
+    assert set(cfg.method.weights) == set(objective.loss_terms)
+    assert dict(cfg.method.weights) == weights
