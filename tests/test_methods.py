@@ -2,6 +2,7 @@
 method running end to end with its loss terms in the logs."""
 
 import csv
+import json
 
 import pytest
 import torch
@@ -121,17 +122,22 @@ def test_nd_projector_is_trained_and_not_part_of_the_student(tmp_path):
     assert all(not k.startswith("student.") for k in module.state_dict() if "projector" in k)
 
 
-def test_every_logit_method_runs_end_to_end_and_logs_its_terms(workdir):
+def test_every_method_runs_end_to_end_and_logs_its_terms(workdir):
     methods = {"dkd": ["ce", "dkd"], "dist": ["ce", "dist"], "kd++": ["ce", "kd", "nd"],
-               "dkd++": ["ce", "dkd", "nd"], "dist++": ["ce", "dist", "nd"]}  # fmt: skip
+               "dkd++": ["ce", "dkd", "nd"], "dist++": ["ce", "dist", "nd"], "srd": ["ce", "kd", "srd"],
+               "vkd": ["ce", "kd", "vkd"], "fitnet": ["ce", "fitnet"],
+               "srd+nd": ["ce", "kd", "srd", "nd"]}  # fmt: skip
     result = run_cli("-m", f"method={','.join(methods)}", "trainer.max_epochs=2", "logger=csv", cwd=workdir)
     assert result.returncode == 0, result.stderr[-3000:]
+    seen = set()
     for job_dir in sorted(workdir.glob("outputs/multirun/*/*/*/")):
         summary = (job_dir / "summary.json").read_text()
-        method = next(m for m in methods if f'"method": "{m}"' in summary)
+        method = json.loads(summary)["method"]
         with open(job_dir / "csv/metrics.csv") as handle:
             rows = list(csv.DictReader(handle))
         for term in methods[method]:
             values = [float(r[f"train/{term}"]) for r in rows if r.get(f"train/{term}")]
             assert values and all(v == v for v in values), (method, term)  # logged and not NaN
         assert '"status": "completed"' in summary
+        seen.add(method)
+    assert seen == set(methods)
