@@ -4,6 +4,8 @@ Each function takes tensors and returns a scalar loss; no modules, no state. The
 `kd_experiments.methods` tap features, own projectors and call these.
 """
 
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
 
@@ -244,7 +246,11 @@ def vkd_loss(projected_student: torch.Tensor, teacher_emb: torch.Tensor) -> torc
 
 
 def lsh_loss(
-    student_emb: torch.Tensor, teacher_emb: torch.Tensor, hash_weight: torch.Tensor, hash_bias: torch.Tensor
+    student_emb: torch.Tensor,
+    teacher_emb: torch.Tensor,
+    hash_weight: torch.Tensor,
+    hash_bias: torch.Tensor,
+    reduction: Literal["mean", "none"] = "mean",
 ) -> torch.Tensor:
     """Wang, Ge & Wu, "Distilling Knowledge by Mimicking Features" (TPAMI 2021), the LSH loss.
 
@@ -255,10 +261,18 @@ def lsh_loss(
     so the student is pushed to the teacher's side of each random hyperplane, constraining mainly the
     feature's direction. The hash layer is frozen: neither W, b nor the teacher receive gradients, even if
     the caller's tensors require grad.
+
+    `reduction="none"` returns the per-sample loss (the mean over the N bits, shape B), which the selective
+    variant `lshl2_s` averages over the samples the teacher classifies correctly; its mean over B equals
+    the default scalar.
     """
+    if reduction not in ("mean", "none"):
+        raise ValueError(f"lsh_loss: reduction must be 'mean' or 'none', got {reduction!r}")
     _check_same_shape(student_emb, teacher_emb, "lsh_loss")
     hash_weight, hash_bias = hash_weight.detach(), hash_bias.detach()
     student_logits = F.linear(student_emb, hash_weight, hash_bias)
     with torch.no_grad():
         teacher_bits = (F.linear(teacher_emb, hash_weight, hash_bias) > 0).to(student_logits.dtype)
+    if reduction == "none":
+        return F.binary_cross_entropy_with_logits(student_logits, teacher_bits, reduction="none").mean(dim=1)
     return F.binary_cross_entropy_with_logits(student_logits, teacher_bits)

@@ -92,7 +92,7 @@ def _fit(cfg: DictConfig, output_dir: Path) -> dict:
         **model_kwargs(cfg.student),
     )
     method = build(cfg.method.objective, "method.objective")
-    _setup_method(method, student, teacher, datamodule)
+    student = _setup_method(method, student, teacher, datamodule)
     if teacher is not None:
         prepare_teacher_statistics(
             method, teacher, teacher_identity, cfg.dataset, datamodule, cfg.paths.teacher_cache_dir
@@ -173,19 +173,25 @@ def _dummy_parameters() -> list[torch.nn.Parameter]:
     return [torch.nn.Parameter(torch.zeros(1))]
 
 
-def _setup_method(method, student, teacher, datamodule: ClassificationData) -> None:
-    """Let the method size its projectors from one probe batch, without touching BatchNorm statistics."""
+def _setup_method(method, student, teacher, datamodule: ClassificationData) -> torch.nn.Module:
+    """Let the method adapt the student and size its projectors from one probe batch, without touching
+    BatchNorm statistics; return the student to train."""
     probe_images = torch.stack([datamodule.train_set[index][0] for index in range(2)])
-    student.eval()
-    with torch.no_grad():
-        student_probe = extract_features(student, probe_images, method.student_features | {"logits"})
-        teacher_probe = (
-            extract_features(teacher, probe_images, method.teacher_features)
-            if method.teacher_features
-            else None
-        )
-    student.train()
+
+    def probe(network, needs):
+        network.eval()
+        with torch.no_grad():
+            return extract_features(network, probe_images, needs)
+
+    student_needs = method.student_features | {"logits"}
+    student_probe = probe(student, student_needs)
+    teacher_probe = probe(teacher, method.teacher_features) if method.teacher_features else None
+    adapted = method.adapt_student(student, student_probe, teacher_probe)
+    if adapted is not student:
+        student_probe = probe(adapted, student_needs)
+    adapted.train()
     method.setup(student_probe, teacher_probe)
+    return adapted
 
 
 def _standard_callbacks(cfg: DictConfig, output_dir: Path, has_logger: bool) -> list[pl.Callback]:

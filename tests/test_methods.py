@@ -122,22 +122,74 @@ def test_nd_projector_is_trained_and_not_part_of_the_student(tmp_path):
     assert all(not k.startswith("student.") for k in module.state_dict() if "projector" in k)
 
 
-def test_every_method_runs_end_to_end_and_logs_its_terms(workdir):
-    methods = {"dkd": ["ce", "dkd"], "dist": ["ce", "dist"], "kd++": ["ce", "kd", "nd"],
-               "dkd++": ["ce", "dkd", "nd"], "dist++": ["ce", "dist", "nd"], "srd": ["ce", "kd", "srd"],
-               "vkd": ["ce", "kd", "vkd"], "fitnet": ["ce", "fitnet"],
-               "srd+nd": ["ce", "kd", "srd", "nd"]}  # fmt: skip
-    result = run_cli("-m", f"method={','.join(methods)}", "trainer.max_epochs=2", "logger=csv", cwd=workdir)
-    assert result.returncode == 0, result.stderr[-3000:]
+METHOD_TERMS = {
+    "dkd": ["ce", "dkd"], "dist": ["ce", "dist"], "kd++": ["ce", "kd", "nd"], "dkd++": ["ce", "dkd", "nd"],
+    "dist++": ["ce", "dist", "nd"], "srd": ["ce", "kd", "srd"], "vkd": ["ce", "kd", "vkd"],
+    "fitnet": ["ce", "fitnet"], "srd+nd": ["ce", "kd", "srd", "nd"], "reviewkd": ["ce", "reviewkd"],
+    "reviewkd++": ["ce", "reviewkd", "nd"], "lshfm": ["ce", "l2", "lsh"], "l2": ["ce", "l2"],
+}  # fmt: skip
+SMALL_TIMM_DEIT = ["student=deit_ti", "+student.model_kwargs.img_size=32",
+                   "+student.model_kwargs.patch_size=8", "+student.model_kwargs.depth=2"]  # fmt: skip
+DEIT_TAPS = ["method.objective.student_embedding=patch_mean", "method.objective.kd_logits=distill_logits"]
+PAIRS = {
+    # The embedded default pair (convnet_wide -> convnet_narrow, 8x8 digits).
+    "default": (METHOD_TERMS, []),
+    # A CIFAR-zoo pair on 8x8 digits; the teacher's short CE recipe keeps the test fast.
+    "cifar_zoo": (
+        METHOD_TERMS,
+        [
+            "teacher=resnet20",
+            "student=resnet8",
+            "teacher.recipe.max_epochs=2",
+            "++trainer.limit_val_batches=2",
+        ],
+    ),
+    # A timm CNN pair on digits resized to 32x32 RGB.
+    "timm_cnn": (
+        METHOD_TERMS,
+        [
+            "dataset.image_size=32",
+            "dataset.channels=3",
+            "teacher.arch=resnet18",
+            "student.arch=resnet10t",
+            "teacher.recipe.max_epochs=1",
+            "++trainer.limit_val_batches=2",
+        ],
+    ),  # fmt: skip
+    # A timm CNN teacher and a two-headed DeiT student: the token-reading methods.
+    "timm_deit": (
+        {"deit": ["ce", "distill"], "vkd": ["ce", "kd", "vkd"], "srd": ["ce", "kd", "srd"]},
+        [
+            "dataset.image_size=32",
+            "dataset.channels=3",
+            "teacher.arch=resnet18",
+            "teacher.recipe.max_epochs=1",
+            *SMALL_TIMM_DEIT,
+            "++trainer.limit_val_batches=2",
+        ],
+    ),  # fmt: skip
+}
+
+
+@pytest.mark.parametrize("pair", PAIRS)
+def test_every_method_runs_end_to_end_and_logs_its_terms(pair, workdir):
+    methods, overrides = PAIRS[pair]
+    if pair == "timm_deit":  # one multirun per method: only srd/vkd take the DeiT tap options
+        runs = [[f"method={m}", *(DEIT_TAPS if m != "deit" else [])] for m in methods]
+    else:
+        runs = [[f"method={','.join(methods)}"]]
+    for run in runs:
+        result = run_cli("-m", *run, *overrides, "trainer.max_epochs=2", "logger=csv", cwd=workdir)
+        assert result.returncode == 0, result.stderr[-3000:]
     seen = set()
     for job_dir in sorted(workdir.glob("outputs/multirun/*/*/*/")):
-        summary = (job_dir / "summary.json").read_text()
-        method = json.loads(summary)["method"]
+        summary = json.loads((job_dir / "summary.json").read_text())
+        method = summary["method"]
         with open(job_dir / "csv/metrics.csv") as handle:
             rows = list(csv.DictReader(handle))
         for term in methods[method]:
             values = [float(r[f"train/{term}"]) for r in rows if r.get(f"train/{term}")]
             assert values and all(v == v for v in values), (method, term)  # logged and not NaN
-        assert '"status": "completed"' in summary
+        assert summary["status"] == "completed" and summary["epochs"] == 2
         seen.add(method)
     assert seen == set(methods)

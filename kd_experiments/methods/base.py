@@ -19,6 +19,17 @@ def linear_warmup(epoch: int, warmup_epochs: int, epoch_base: int = 1) -> float:
     return min((epoch + epoch_base) / warmup_epochs, 1.0)
 
 
+EMBEDDING_TAPS = ("embedding", "patch_mean", "class_token")
+LOGIT_TAPS = ("logits", "distill_logits")
+
+
+def check_tap(value: str, allowed: tuple[str, ...], option: str) -> str:
+    """Validate a method option naming the feature it reads (e.g. a DeiT student's `patch_mean`)."""
+    if value not in allowed:
+        raise ValueError(f"{option} must be one of {', '.join(allowed)}; got {value!r}")
+    return value
+
+
 class DistillationMethod(nn.Module):
     """Base class of every objective.
 
@@ -31,6 +42,8 @@ class DistillationMethod(nn.Module):
     when their shape depends on the networks, in `setup`.
 
     Optional hooks:
+      - `adapt_student(student, student_probe, teacher_probe) -> student`: once, before `setup`, for a
+        method that changes the deployed student itself (LSHFM inserts a projection before the classifier);
       - `setup(student_probe, teacher_probe)`: once before the optimizer is built, with one small batch's
         features from both networks (eval mode), to size projectors;
       - `statistics_name` + `compute_teacher_statistics` + `set_teacher_statistics`: statistics of the
@@ -48,6 +61,12 @@ class DistillationMethod(nn.Module):
     def __init__(self):
         super().__init__()
         self.epoch = 0
+
+    def adapt_student(
+        self, student: nn.Module, student_probe: NetworkOutput, teacher_probe: NetworkOutput | None
+    ) -> nn.Module:
+        """Return the network to train and deploy as the student; by default the student unchanged."""
+        return student
 
     def setup(self, student_probe: NetworkOutput, teacher_probe: NetworkOutput | None) -> None:
         """Called once before the optimizer is built, with both networks' features for one small batch."""

@@ -28,6 +28,13 @@ class Compose(DistillationMethod):
         self.student_features = frozenset().union(*(o.student_features for o in objectives))
         self.teacher_features = frozenset().union(*(o.teacher_features for o in objectives))
 
+    def adapt_student(
+        self, student: nn.Module, student_probe: NetworkOutput, teacher_probe: NetworkOutput | None
+    ) -> nn.Module:
+        for objective in self.objectives:
+            student = objective.adapt_student(student, student_probe, teacher_probe)
+        return student
+
     def setup(self, student_probe: NetworkOutput, teacher_probe: NetworkOutput | None) -> None:
         for objective in self.objectives:
             objective.setup(student_probe, teacher_probe)

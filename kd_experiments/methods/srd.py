@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kd_experiments.losses import kd_loss, srd_loss
-from kd_experiments.methods.base import DistillationMethod
+from kd_experiments.methods.base import EMBEDDING_TAPS, LOGIT_TAPS, DistillationMethod, check_tap
 from kd_experiments.models.features import NetworkOutput
 
 
@@ -36,6 +36,10 @@ class SimpleRecipeDistillation(DistillationMethod):
     """Miles & Mikolajczyk, "Understanding the Role of the Projector in Knowledge Distillation" (AAAI 2024),
     in the form of the official ImageNet code's final commit (methods.md e.1).
 
+    A DeiT student reads as in the official DeiT code: `student_embedding="patch_mean"` (the mean of the
+    patch tokens) for the feature term and `kd_logits="distill_logits"` (the second head) for the KL term;
+    the CE term always trains the class head.
+
     Terms:
       - `ce` = CE(z_s, y);
       - `kd` = KL(softmax(z_t) || softmax(z_s)) at T = 1 (batchmean);
@@ -48,7 +52,6 @@ class SimpleRecipeDistillation(DistillationMethod):
     """
 
     loss_terms = ("ce", "kd", "srd")
-    student_features = frozenset({"logits", "embedding"})
     teacher_features = frozenset({"logits", "embedding"})
 
     def __init__(
@@ -57,28 +60,34 @@ class SimpleRecipeDistillation(DistillationMethod):
         eps: float = 1e-4,
         distance: Literal["logsum", "correlation"] = "logsum",
         temperature: float = 1.0,
+        student_embedding: str = "embedding",
+        kd_logits: str = "logits",
     ):
         super().__init__()
+        self.student_embedding = check_tap(student_embedding, EMBEDDING_TAPS, "student_embedding")
+        self.kd_logits = check_tap(kd_logits, LOGIT_TAPS, "kd_logits")
+        self.student_features = frozenset({"logits", student_embedding, kd_logits})
         if distance not in ("logsum", "correlation"):
             raise ValueError(f"SRD distance must be 'logsum' or 'correlation', got {distance!r}")
         self.exponent, self.eps, self.distance, self.temperature = exponent, eps, distance, temperature
         self.projector: nn.Module = nn.Identity()
 
     def setup(self, student_probe: NetworkOutput, teacher_probe: NetworkOutput | None) -> None:
-        student_dim, teacher_dim = student_probe.embedding.shape[1], teacher_probe.embedding.shape[1]
+        student_dim = getattr(student_probe, self.student_embedding).shape[1]
+        teacher_dim = teacher_probe.embedding.shape[1]
         # Always built, even for equal dims: SRD credits the linear projector itself for the gain.
         self.projector = nn.Linear(student_dim, teacher_dim, bias=True)
 
     def forward(
         self, student: NetworkOutput, teacher: NetworkOutput | None, targets: torch.Tensor
     ) -> dict[str, torch.Tensor]:
-        projected = self.projector(student.embedding)
+        projected = self.projector(getattr(student, self.student_embedding))
         if self.distance == "logsum":
             representation = srd_loss(projected, teacher.embedding, self.exponent, self.eps)
         else:
             representation = _srd_correlation_loss(projected, teacher.embedding, self.exponent, self.eps)
         return {
             "ce": F.cross_entropy(student.logits, targets),
-            "kd": kd_loss(student.logits, teacher.logits, self.temperature),
+            "kd": kd_loss(getattr(student, self.kd_logits), teacher.logits, self.temperature),
             "srd": representation,
         }

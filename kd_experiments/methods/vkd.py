@@ -8,13 +8,17 @@ from torch import nn
 from torch.nn.utils.parametrizations import orthogonal
 
 from kd_experiments.losses import kd_loss, vkd_loss
-from kd_experiments.methods.base import DistillationMethod
+from kd_experiments.methods.base import EMBEDDING_TAPS, LOGIT_TAPS, DistillationMethod, check_tap
 from kd_experiments.models.features import NetworkOutput
 
 
 class OrthogonalProjection(DistillationMethod):
     """Miles, Elezi & Deng, "VkD: Improving Knowledge Distillation using Orthogonal Projections" (CVPR
     2024), the classification form of the official code (methods.md f.1).
+
+    A DeiT student reads as in the official DeiT code: `student_embedding="patch_mean"` (the mean of the
+    patch tokens) for the feature term and `kd_logits="distill_logits"` (the second head) for the KL term;
+    the CE term always trains the class head.
 
     Terms:
       - `ce` = CE(z_s, y);
@@ -29,7 +33,6 @@ class OrthogonalProjection(DistillationMethod):
     """
 
     loss_terms = ("ce", "kd", "vkd")
-    student_features = frozenset({"logits", "embedding"})
     teacher_features = frozenset({"logits", "embedding"})
 
     def __init__(
@@ -37,8 +40,13 @@ class OrthogonalProjection(DistillationMethod):
         projector: Literal["orthogonal", "linear"] = "orthogonal",
         normalize_teacher: bool = True,
         temperature: float = 1.0,
+        student_embedding: str = "embedding",
+        kd_logits: str = "logits",
     ):
         super().__init__()
+        self.student_embedding = check_tap(student_embedding, EMBEDDING_TAPS, "student_embedding")
+        self.kd_logits = check_tap(kd_logits, LOGIT_TAPS, "kd_logits")
+        self.student_features = frozenset({"logits", student_embedding, kd_logits})
         if projector not in ("orthogonal", "linear"):
             raise ValueError(f"VkD projector must be 'orthogonal' or 'linear', got {projector!r}")
         self.projector_kind = projector
@@ -46,7 +54,8 @@ class OrthogonalProjection(DistillationMethod):
         self.projector: nn.Module = nn.Identity()
 
     def setup(self, student_probe: NetworkOutput, teacher_probe: NetworkOutput | None) -> None:
-        student_dim, teacher_dim = student_probe.embedding.shape[1], teacher_probe.embedding.shape[1]
+        student_dim = getattr(student_probe, self.student_embedding).shape[1]
+        teacher_dim = teacher_probe.embedding.shape[1]
         linear = nn.Linear(student_dim, teacher_dim, bias=False)
         # torch's default map (Householder for non-square weights) keeps the smaller Gram matrix exactly I.
         self.projector = orthogonal(linear) if self.projector_kind == "orthogonal" else linear
@@ -54,13 +63,13 @@ class OrthogonalProjection(DistillationMethod):
     def forward(
         self, student: NetworkOutput, teacher: NetworkOutput | None, targets: torch.Tensor
     ) -> dict[str, torch.Tensor]:
-        projected = self.projector(student.embedding)
+        projected = self.projector(getattr(student, self.student_embedding))
         if self.normalize_teacher:
             representation = vkd_loss(projected, teacher.embedding)
         else:
             representation = F.smooth_l1_loss(projected, teacher.embedding.detach(), beta=1.0)
         return {
             "ce": F.cross_entropy(student.logits, targets),
-            "kd": kd_loss(student.logits, teacher.logits, self.temperature),
+            "kd": kd_loss(getattr(student, self.kd_logits), teacher.logits, self.temperature),
             "vkd": representation,
         }

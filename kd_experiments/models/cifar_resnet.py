@@ -152,6 +152,12 @@ class CifarResNet(nn.Module):
             return intermediates
         return x, intermediates
 
+    def forward_intermediates_preact(self, x: torch.Tensor):
+        """(final map, stages with pre-ReLU stage entries, post-ReLU stages): the feature API's
+        `preact_stages` kind. The stem entry is post-ReLU in both lists."""
+        final_map, preact = self.forward_intermediates(x, preact=True)
+        return final_map, preact, [preact[0], *(F.relu(stage) for stage in preact[1:])]
+
     def _positions_to_take(self, indices: int | Sequence[int] | None) -> set[int]:
         num_positions = 1 + len(self.stages)
         if indices is None:

@@ -47,6 +47,15 @@ class ConvNet(nn.Module):
             selected = [maps[i] for i in indices]
         return selected if intermediates_only else (maps[-1], selected)
 
+    def forward_intermediates_preact(self, x: torch.Tensor):
+        """(final map, stages with each stage's map before its ReLU, post-ReLU stages); stem post-ReLU."""
+        stem = self.stem(x)
+        preact, post = [stem], [stem]
+        for stage in self.stages:
+            preact.append(stage[:-1](post[-1]))
+            post.append(torch.relu(preact[-1]))  # not the stage's in-place ReLU: it would overwrite
+        return post[-1], preact, post
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.stem(x)
         for stage in self.stages:

@@ -1,40 +1,142 @@
-"""One way to read logits, the pooled embedding and stage feature maps from any model.
+"""One way to read logits, embeddings, stage maps and ViT tokens from any model.
 
 Zoo models implement timm's feature API (`forward_features`, `forward_head(pre_logits=)`,
-`get_classifier`, `forward_intermediates`), so the same code serves both. A method declares the features
-it needs; asking only for logits costs exactly one plain forward.
+`get_classifier`, `forward_intermediates`), so the same code serves the CIFAR zoo and every timm model. A
+method declares the features it needs; asking only for logits costs exactly one plain forward.
+
+Feature kinds:
+  - `logits`: B x K, the class head (for a two-headed DeiT: the class-token head).
+  - `embedding`: B x D, the pooled vector the classifier reads (timm's `pre_logits`).
+  - `stages`: the stem and each stage's output map (B x C x H x W), shallow to deep, post-activation.
+  - `preact_stages`: the same list with each stage's map taken before its final ReLU (the stem stays
+    post-activation), as ReviewKD's teacher needs; for the zoo and timm ResNets.
+  - `class_token`, `patch_mean`: a ViT's class token and the mean of its patch tokens after the final norm.
+  - `distill_logits`: the second head of a two-headed ViT (timm's distilled DeiT, `head_dist` on token 1).
 """
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-FEATURE_KINDS = frozenset({"logits", "embedding", "stages"})
+from kd_experiments.errors import UserError
+
+FEATURE_KINDS = frozenset(
+    {"logits", "embedding", "stages", "preact_stages", "class_token", "patch_mean", "distill_logits"}
+)
+TOKEN_KINDS = frozenset({"class_token", "patch_mean", "distill_logits"})
 
 
 @dataclass
 class NetworkOutput:
-    """What one network produced for one batch.
-
-    logits: B x K. embedding: B x D, the pooled penultimate vector fed to the classifier.
-    stages: the stem and each stage's output map (B x C x H x W), shallow to deep.
-    """
+    """What one network produced for one batch; kinds nobody asked for stay None."""
 
     logits: torch.Tensor
     embedding: torch.Tensor | None = None
     stages: list[torch.Tensor] | None = None
+    preact_stages: list[torch.Tensor] | None = None
+    class_token: torch.Tensor | None = None
+    patch_mean: torch.Tensor | None = None
+    distill_logits: torch.Tensor | None = None
+
+
+def has_distill_head(model: nn.Module) -> bool:
+    return isinstance(getattr(model, "head_dist", None), nn.Module)
 
 
 def extract_features(model: nn.Module, images: torch.Tensor, needs: frozenset[str]) -> NetworkOutput:
     """Run `model` once and return the features in `needs` (a subset of FEATURE_KINDS)."""
-    if needs <= {"logits"}:
+    unknown = needs - FEATURE_KINDS
+    if unknown:
+        raise ValueError(f"unknown feature kinds {sorted(unknown)}; known: {sorted(FEATURE_KINDS)}")
+    two_heads = has_distill_head(model)
+    if needs <= {"logits"} and not two_heads:
         return NetworkOutput(logits=model(images))
-    stages = None
-    if "stages" in needs:
-        final_map, stages = model.forward_intermediates(images)
+
+    output = NetworkOutput(logits=None)
+    if "preact_stages" in needs:
+        final_map, output.preact_stages, post_stages = _preact_intermediates(model, images)
+        if "stages" in needs:
+            output.stages = post_stages
+    elif "stages" in needs:
+        final_map, output.stages = model.forward_intermediates(images)
     else:
         final_map = model.forward_features(images)
-    embedding = model.forward_head(final_map, pre_logits=True)
-    logits = model.get_classifier()(embedding)
-    return NetworkOutput(logits=logits, embedding=embedding, stages=stages)
+
+    if needs & TOKEN_KINDS or two_heads:
+        _read_tokens(model, final_map, needs, output)
+    if two_heads:
+        # timm's distilled DeiT: pre_logits is the mean of both tokens; each head reads its own token.
+        output.logits = model.head(final_map[:, 0])
+        output.embedding = model.forward_head(final_map, pre_logits=True)
+    else:
+        output.embedding = model.forward_head(final_map, pre_logits=True)
+        output.logits = model.get_classifier()(output.embedding)
+    return output
+
+
+def _read_tokens(model: nn.Module, final_map: torch.Tensor, needs: frozenset[str], output: NetworkOutput):
+    if final_map.dim() != 3:
+        asked = sorted(needs & TOKEN_KINDS)
+        raise UserError(
+            f"{type(model).__name__} produces a B x C x H x W feature map, not ViT tokens, so it has no "
+            f"{', '.join(asked)}; use a ViT/DeiT model or a method option that reads `embedding`"
+        )
+    prefix = getattr(model, "num_prefix_tokens", 1)
+    output.class_token = final_map[:, 0]
+    output.patch_mean = final_map[:, prefix:].mean(dim=1)
+    if "distill_logits" in needs:
+        if not has_distill_head(model):
+            raise UserError(
+                f"{type(model).__name__} has one head, but the method reads a distillation head: use a "
+                "two-headed DeiT student (e.g. student.arch=deit_tiny_distilled_patch16_224)"
+            )
+        output.distill_logits = model.head_dist(final_map[:, 1])
+
+
+def _preact_intermediates(model: nn.Module, images: torch.Tensor):
+    """(final map, pre-activation stage list, post-activation stage list)."""
+    if hasattr(model, "forward_intermediates_preact"):  # the project's zoo
+        return model.forward_intermediates_preact(images)
+    activations = _timm_resnet_stage_activations(model)
+    captured: list[torch.Tensor] = []
+
+    def keep_input(module, inputs):
+        # clone: timm's ReLUs are in place and would overwrite the pre-activation sum
+        captured.append(inputs[0].clone())
+
+    with _hooks(activations, keep_input):
+        final_map, post_stages = model.forward_intermediates(images)
+    # The stem (position 0) stays post-activation, as in the zoo.
+    return final_map, [post_stages[0], *captured], post_stages
+
+
+def _timm_resnet_stage_activations(model: nn.Module) -> list[nn.Module]:
+    """Each stage's last block's final activation (act2 of BasicBlock, act3 of Bottleneck)."""
+    stage_names = [f"layer{i}" for i in range(1, 5)]
+    if not all(isinstance(getattr(model, name, None), nn.Sequential) for name in stage_names):
+        raise UserError(
+            f"pre-activation stage features are available for the CIFAR zoo and timm ResNets, not for "
+            f"{type(model).__name__}; use the method's post-activation option (e.g. teacher_preact=false)"
+        )
+    activations = []
+    for name in stage_names:
+        last_block = getattr(model, name)[-1]
+        final_act = getattr(last_block, "act3", None) or getattr(last_block, "act2", None)
+        if final_act is None:
+            raise UserError(
+                f"cannot find the final activation of {name}'s last block in {type(model).__name__}"
+            )
+        activations.append(final_act)
+    return activations
+
+
+@contextmanager
+def _hooks(modules: list[nn.Module], pre_hook):
+    handles = [module.register_forward_pre_hook(pre_hook) for module in modules]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
