@@ -110,3 +110,23 @@ def test_taps_give_the_same_values_under_torch_compile(name, needs):
         for e, a in zip(expected if isinstance(expected, list) else [expected],
                         actual if isinstance(actual, list) else [actual], strict=True):  # fmt: skip
             torch.testing.assert_close(a, e)
+
+
+def test_hooked_taps_train_under_ddp(workdir):
+    """Two CPU processes (gloo): ReviewKD reads a timm ResNet teacher's hooked pre-activation stages and
+    trains its ABF chain with the student, wrapped by DDP (which fails on unused or mismatched params)."""
+    from tests.conftest import run_cli
+
+    result = run_cli(
+        "method=reviewkd", "dataset.image_size=32", "dataset.channels=3", "teacher.arch=resnet18",
+        "teacher.weights=random", "student.arch=resnet10t", "trainer.max_epochs=1", "logger=csv",
+        "trainer.strategy=ddp", "trainer.devices=2", "trainer.accelerator=cpu",
+        "++trainer.limit_val_batches=2", cwd=workdir,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_dir = next(workdir.glob("outputs/runs/*/*/"))
+    assert "Starting with 2 processes" in result.stdout + result.stderr
+    summary = (run_dir / "summary.json").read_text()
+    assert '"status": "completed"' in summary and '"steps": 3' in summary  # 359 images / (2 x 64) per step
+    metrics = (run_dir / "csv/metrics.csv").read_text()
+    assert "train/reviewkd" in metrics

@@ -161,3 +161,29 @@ def test_yaml_composes_with_the_paper_defaults(name, weights):
     if name == "reviewkd":
         assert (objective.warmup_epochs, objective.warmup_epoch_base) == (20, 1)  # mdistiller
         assert (objective.student_preact, objective.teacher_preact) == (False, True)
+
+
+def test_method_modules_follow_the_training_module_to_another_dtype():
+    """Projectors, ABFs and frozen statistics buffers are submodules/buffers of the training module, so
+    `.to(dtype)` (what Lightning does for precision and devices) reaches them."""
+    from kd_experiments.methods.lshfm import LSHFeatureMimicking
+    from kd_experiments.module import DistillationModule
+
+    for method, weights in (
+        (ReviewKD(), {"ce": 1.0, "reviewkd": 1.0}),
+        (LSHFeatureMimicking(force_projection=True), {"ce": 1.0, "l2": 1.0, "lsh": 1.0}),
+    ):
+        student, teacher = create_model("resnet8", 10), create_model("resnet20", 10).eval()
+        student_out = extract_features(student.eval(), IMAGES, method.student_features | {"logits"})
+        teacher_out = extract_features(teacher, IMAGES, method.teacher_features)
+        adapted = method.adapt_student(student, student_out, teacher_out)
+        method.setup(extract_features(adapted, IMAGES, method.student_features | {"logits"}), teacher_out)
+        if isinstance(method, LSHFeatureMimicking):
+            method.set_teacher_statistics({"hash_weight": torch.randn(8, 64), "hash_bias": torch.zeros(8)})
+        module = DistillationModule(
+            student=adapted, method=method, loss_weights=weights, optimizer=torch.optim.SGD,
+            num_classes=10, teacher=teacher,
+        ).double()  # fmt: skip
+        tensors = [*method.parameters(), *method.buffers(), *adapted.parameters(), *teacher.parameters()]
+        assert tensors and all(t.dtype == torch.float64 for t in tensors if t.is_floating_point())
+        assert {id(p) for p in method.parameters()} <= {id(p) for p in module.parameters()}
