@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 
 CACHE_FORMAT = 1  # bump when the cached file layout or the training code changes meaning
 # Keys of the data config that do not change what a teacher learns.
-DATA_KEYS_IGNORED_BY_CACHE = {"num_workers", "eval_batch_size"}
+DATA_KEYS_IGNORED_BY_CACHE = {"num_workers", "eval_batch_size", "download", "how_to_get"}
 
 
 def build_teacher(

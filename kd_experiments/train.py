@@ -72,6 +72,8 @@ def _fit(cfg: DictConfig, output_dir: Path) -> dict:
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule: ClassificationData = build(cfg.dataset, "dataset")
     datamodule.setup("fit")
+    if cfg.dataset.get("num_classes") is None:  # counted from the data (imagefolder); models interpolate it
+        cfg.dataset.num_classes = datamodule.num_classes
     for role in ("teacher", "student"):
         if cfg[role].num_classes != datamodule.num_classes:
             raise UserError(

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 from kd_experiments.data.digits import DigitsData
+from kd_experiments.errors import UserError
 from kd_experiments.losses import feature_mse, lsh_loss
 from kd_experiments.methods.lshfm import LSHFeatureMimicking, ProjectedEmbeddingNetwork
 from kd_experiments.models import create_model, extract_features
@@ -182,7 +183,7 @@ def test_selective_needs_class_index_targets():
     student, teacher, _, statistics = hand_built_case()
     method = LSHFeatureMimicking()
     method.set_teacher_statistics(statistics)
-    with pytest.raises(ValueError, match="class-index targets"):
+    with pytest.raises(UserError, match="class-index targets"):
         method(student, teacher, torch.softmax(torch.randn(4, 3), dim=1))
 
 

@@ -4,6 +4,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from kd_experiments.errors import UserError
 from kd_experiments.models.features import NetworkOutput
 
 
@@ -28,6 +29,15 @@ def check_tap(value: str, allowed: tuple[str, ...], option: str) -> str:
     if value not in allowed:
         raise ValueError(f"{option} must be one of {', '.join(allowed)}; got {value!r}")
     return value
+
+
+def require_class_targets(targets: torch.Tensor, method: str) -> None:
+    """Stop with one line when a method that indexes by the label gets mixed (soft) targets."""
+    if targets.dim() != 1 or targets.is_floating_point():
+        raise UserError(
+            f"{method} needs class-index targets, but the batch has soft targets of shape "
+            f"{tuple(targets.shape)} (Mixup/CutMix or label smoothing); set dataset.mixup=null"
+        )
 
 
 class DistillationMethod(nn.Module):

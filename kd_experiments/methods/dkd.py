@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from kd_experiments.losses import dkd_loss
-from kd_experiments.methods.base import DistillationMethod, linear_warmup
+from kd_experiments.methods.base import DistillationMethod, linear_warmup, require_class_targets
 from kd_experiments.models.features import NetworkOutput
 
 
@@ -33,6 +33,7 @@ class DecoupledKD(DistillationMethod):
     def forward(
         self, student: NetworkOutput, teacher: NetworkOutput | None, targets: torch.Tensor
     ) -> dict[str, torch.Tensor]:
+        require_class_targets(targets, "DKD")  # its target/non-target split indexes by the label
         warmup = linear_warmup(self.epoch, self.warmup_epochs, self.warmup_epoch_base)
         return {
             "ce": F.cross_entropy(student.logits, targets),

@@ -9,7 +9,7 @@ from torch.utils.data import DataLoader
 
 from kd_experiments.errors import UserError
 from kd_experiments.losses import lsh_loss
-from kd_experiments.methods.base import DistillationMethod
+from kd_experiments.methods.base import DistillationMethod, require_class_targets
 from kd_experiments.models.features import NetworkOutput, extract_features
 
 BIAS_MODES = ("median", "mean", "zero")
@@ -216,12 +216,8 @@ class LSHFeatureMimicking(DistillationMethod):
             )
         mask = None
         if self.selective:
-            if targets.dim() != 1 or targets.is_floating_point():
-                raise ValueError(
-                    "LSHFM selective=True needs class-index targets (shape B) to tell which samples the "
-                    f"teacher classifies correctly, got {tuple(targets.shape)} {targets.dtype}; mixed (soft) "
-                    "targets are not supported, use selective=false"
-                )
+            # The selective mask compares the teacher's prediction with the label (or use selective=false).
+            require_class_targets(targets, "LSHFM (selective)")
             mask = teacher.logits.argmax(dim=1) == targets
         per_sample_l2 = F.mse_loss(student_emb, teacher_emb, reduction="none").mean(dim=1)
         per_sample_lsh = lsh_loss(

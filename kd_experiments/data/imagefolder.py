@@ -1,0 +1,131 @@
+"""ImageNet and any folder tree of images (`root/<split>/<class>/*.jpg`), with timm's transforms and
+Mixup/CutMix."""
+
+from pathlib import Path
+
+import torch
+from torchvision import datasets
+
+from kd_experiments.data.base import ClassificationData, require_path
+from kd_experiments.errors import UserError
+
+
+class ImageFolderData(ClassificationData):
+    """`root/train/<class>/...` and `root/val/<class>/...` (torchvision `ImageFolder`; class index = sorted
+    folder name, so ImageNet's synset folders give the standard indices).
+
+    Transforms come from `timm.data.create_transform`: training with RandomResizedCrop(`image_size`,
+    `scale`) + flip, plus the DeiT options when set (`auto_augment` e.g. `rand-m9-mstd0.5-inc1`, `re_prob`
+    random erasing, `color_jitter`); evaluation resizes to `image_size / crop_pct` (256 for 224) and
+    centre-crops. `interpolation` is `bilinear` or `bicubic` (the DeiT recipes).
+
+    `mixup` (a dict of `timm.data.Mixup` arguments: mixup_alpha, cutmix_alpha, label_smoothing, ...) mixes
+    each training batch after it reaches the device, so the teacher sees the same mixed images as the
+    student; the targets become B x K probabilities and the methods' CE terms take them as soft targets.
+    `num_classes: null` counts the class folders of the training split.
+    """
+
+    name = "imagefolder"
+
+    def __init__(
+        self,
+        root: str,
+        num_classes: int | None = None,
+        batch_size: int = 256,
+        image_size: int = 224,
+        channels: int = 3,
+        num_workers: int = 8,
+        train_dir: str = "train",
+        val_dir: str = "val",
+        scale: tuple[float, float] = (0.08, 1.0),
+        hflip: float = 0.5,
+        interpolation: str = "bilinear",
+        crop_pct: float = 0.875,
+        auto_augment: str | None = None,
+        re_prob: float = 0.0,
+        color_jitter: float | None = None,
+        mean: tuple[float, ...] = (0.485, 0.456, 0.406),
+        std: tuple[float, ...] = (0.229, 0.224, 0.225),
+        mixup: dict | None = None,
+        how_to_get: str = "point dataset.root at a folder holding train/<class>/ and val/<class>/ images",
+        **common,
+    ):
+        self.root = Path(root).expanduser()
+        self.train_dir, self.val_dir, self.how_to_get = train_dir, val_dir, how_to_get
+        if num_classes is None:
+            num_classes = len(self._class_folders(self.root / train_dir))
+        super().__init__(batch_size, num_classes, image_size, channels, num_workers, **common)
+        self.transform_options = dict(
+            scale=tuple(scale), hflip=hflip, interpolation=interpolation, crop_pct=crop_pct,
+            auto_augment=auto_augment, re_prob=re_prob, color_jitter=color_jitter,
+            mean=tuple(mean), std=tuple(std),
+        )  # fmt: skip
+        self.mixup_options = dict(mixup) if mixup else None
+        self.mixup = None
+
+    def _class_folders(self, split: Path) -> list[Path]:
+        require_path(split, f"{self.name} split", self.how_to_get)
+        folders = sorted(p for p in split.iterdir() if p.is_dir())
+        if not folders:
+            raise UserError(f"{split} has no class folders; {self.how_to_get}")
+        return folders
+
+    def train_transform(self):
+        from timm.data import create_transform
+
+        options = self.transform_options
+        return create_transform(
+            self.image_size, is_training=True, scale=options["scale"], hflip=options["hflip"],
+            interpolation=options["interpolation"], auto_augment=options["auto_augment"],
+            re_prob=options["re_prob"], color_jitter=options["color_jitter"],
+            mean=options["mean"], std=options["std"],
+        )  # fmt: skip
+
+    def eval_transform(self):
+        from timm.data import create_transform
+
+        options = self.transform_options
+        return create_transform(
+            self.image_size, is_training=False, interpolation=options["interpolation"],
+            crop_pct=options["crop_pct"], mean=options["mean"], std=options["std"],
+        )  # fmt: skip
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        splits = {}
+        for key, folder, transform in (
+            ("train", self.train_dir, self.train_transform()),
+            ("val", self.val_dir, self.eval_transform()),
+        ):
+            path = self.root / folder
+            found = len(self._class_folders(path))
+            if found != self.num_classes:
+                raise UserError(
+                    f"{path} has {found} class folders but dataset.num_classes={self.num_classes}; set "
+                    f"dataset.num_classes={found} (or null to count them)"
+                )
+            splits[key] = datasets.ImageFolder(str(path), transform=transform)
+        if splits["train"].classes != splits["val"].classes:
+            raise UserError(f"the class folders of {self.root / self.train_dir} and {self.val_dir} differ")
+        self.train_set, self.val_set = splits["train"], splits["val"]
+        if self.mixup_options:
+            from timm.data import Mixup
+
+            self.mixup = Mixup(num_classes=self.num_classes, **self.mixup_options)
+
+    def train_dataloader(self):
+        # Mixup pairs samples within a batch and needs an even batch size: drop the ragged last batch.
+        loader = super().train_dataloader()
+        if self.mixup is None:
+            return loader
+        return torch.utils.data.DataLoader(
+            loader.dataset, batch_size=self.batch_size, shuffle=True, num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0, drop_last=True,
+        )  # fmt: skip
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        if self.mixup is not None and self.trainer is not None and self.trainer.training:
+            images, targets = batch
+            return self.mixup(images, targets)
+        return batch

@@ -1,0 +1,161 @@
+"""The real data loaders (CIFAR-10/100 from torchvision, ImageFolder/ImageNet with timm transforms and
+Mixup), exercised on data the tests generate in the on-disk layouts the real data sets use."""
+
+import pickle
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from kd_experiments.data.cifar import STATISTICS, CIFARData
+from kd_experiments.data.imagefolder import ImageFolderData
+from kd_experiments.errors import UserError
+from tests.conftest import run_cli
+
+
+def write_cifar(root, variant: str, train: int = 40, test: int = 20):
+    """A CIFAR archive in torchvision's extracted layout, with random uint8 images (N x 3072, CHW order)."""
+    rng = np.random.default_rng(0)
+    classes = 100 if variant == "cifar100" else 10
+
+    def batch(n):
+        return {
+            "data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+            "labels": rng.integers(0, classes, n),
+        }
+
+    def dump(payload, path):
+        with open(path, "wb") as handle:
+            pickle.dump(payload, handle)
+
+    if variant == "cifar100":
+        folder = root / "cifar-100-python"
+        folder.mkdir(parents=True)
+        for name, n in (("train", train), ("test", test)):
+            data = batch(n)
+            dump({"data": data["data"], "fine_labels": data["labels"].tolist()}, folder / name)
+        dump({"fine_label_names": [f"class{i}" for i in range(100)]}, folder / "meta")
+    else:
+        folder = root / "cifar-10-batches-py"
+        folder.mkdir(parents=True)
+        for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+            data = batch(train // 5 if name != "test_batch" else test)
+            dump({"data": data["data"], "labels": data["labels"].tolist()}, folder / name)
+        dump({"label_names": [f"class{i}" for i in range(10)]}, folder / "batches.meta")
+    return folder
+
+
+def test_cifar100_loader_reads_the_torchvision_layout_and_normalises(tmp_path):
+    folder = write_cifar(tmp_path, "cifar100")
+    data = CIFARData(root=str(tmp_path), variant="cifar100", batch_size=8, num_workers=0)
+    data.setup("fit")
+    assert (len(data.train_set), len(data.val_set), data.num_classes) == (40, 20, 100)
+    images, labels = next(iter(data.val_dataloader()))
+    assert images.shape == (8, 3, 32, 32) and labels.dtype == torch.int64
+    with open(folder / "test", "rb") as handle:
+        raw = pickle.load(handle)["data"][0].reshape(3, 32, 32).astype(np.float32) / 255
+    mean, std = (torch.tensor(v)[:, None, None] for v in STATISTICS["cifar100"])
+    torch.testing.assert_close(images[0], (torch.from_numpy(raw) - mean) / std)  # test split: normalise only
+    # Training: 4-pixel padded random crop + flip, so a training view differs from the plain one.
+    train_view = data.train_set[0][0]
+    plain = (torch.from_numpy(data.train_set.data[0]).permute(2, 0, 1).float() / 255 - mean) / std
+    assert train_view.shape == (3, 32, 32)
+    assert any(not torch.allclose(data.train_set[0][0], plain) for _ in range(10))
+
+
+def test_cifar10_layout_and_class_count_check(tmp_path):
+    write_cifar(tmp_path, "cifar10")
+    data = CIFARData(root=str(tmp_path), variant="cifar10", num_classes=10, batch_size=4, num_workers=0)
+    data.setup("fit")
+    assert (len(data.train_set), len(data.val_set)) == (40, 20)
+    with pytest.raises(UserError, match="cifar10 has 10 classes; set dataset.num_classes=10"):
+        CIFARData(root=str(tmp_path), variant="cifar10", num_classes=100)
+
+
+def test_missing_cifar_is_one_line_naming_the_path_and_the_download_switch(tmp_path):
+    result = run_cli("dataset=cifar100", f"paths.data_dir={tmp_path}/nowhere", "logger=none", cwd=tmp_path)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr
+    assert f"{tmp_path}/nowhere/cifar/cifar-100-python" in lines[0] and "dataset.download=true" in lines[0]
+
+
+def test_a_zoo_pair_trains_on_the_cifar100_loader(tmp_path):
+    write_cifar(tmp_path / "data" / "cifar", "cifar100", train=64, test=16)
+    result = run_cli(
+        "dataset=cifar100", "dataset.num_workers=0", "dataset.batch_size=32", "teacher=resnet20",
+        "teacher.weights=random", "student=resnet8", "method=kd", "trainer.max_steps=2", "logger=none",
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert '"steps": 2' in next(tmp_path.glob("outputs/runs/*/*/summary.json")).read_text()
+
+
+def write_image_tree(root, classes=("cat", "dog", "fox"), per_class=4, size=40):
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for name in classes:
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for index in range(per_class):
+                pixels = rng.integers(0, 256, (size, size + 8, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(folder / f"{index}.png")
+    return root
+
+
+def test_image_folder_counts_classes_and_uses_timm_transforms(tmp_path):
+    write_image_tree(tmp_path)
+    data = ImageFolderData(root=str(tmp_path), num_classes=None, image_size=32, batch_size=4, num_workers=0)
+    data.setup("fit")
+    assert data.num_classes == 3 and data.train_set.classes == ["cat", "dog", "fox"]
+    images, labels = next(iter(data.train_dataloader()))
+    assert images.shape == (4, 3, 32, 32)
+    # eval: resize the short side to 32 / 0.875 = 36, centre-crop 32, ImageNet normalisation
+    eval_names = [type(t).__name__ for t in data.val_set.transform.transforms]
+    assert eval_names[:2] == ["Resize", "CenterCrop"] and data.val_set.transform.transforms[0].size == 36
+    train_names = [type(t).__name__ for t in data.train_set.transform.transforms]
+    assert train_names[0] == "RandomResizedCropAndInterpolation" and "RandomHorizontalFlip" in train_names
+    with pytest.raises(UserError, match="has 3 class folders but dataset.num_classes=5"):
+        ImageFolderData(root=str(tmp_path), num_classes=5, image_size=32).setup()
+
+
+def test_mixup_gives_soft_targets_only_in_training(tmp_path):
+    write_image_tree(tmp_path)
+    mixup = {"mixup_alpha": 0.8, "cutmix_alpha": 1.0, "label_smoothing": 0.1}
+    data = ImageFolderData(root=str(tmp_path), image_size=32, batch_size=4, num_workers=0, mixup=mixup)
+    data.setup("fit")
+    batch = next(iter(data.train_dataloader()))
+    data.trainer = SimpleNamespace(training=True)
+    images, targets = data.on_after_batch_transfer((batch[0].clone(), batch[1]), 0)
+    assert targets.shape == (4, 3) and targets.dtype == torch.float32
+    torch.testing.assert_close(targets.sum(1), torch.ones(4))
+    assert targets.max() < 1.0  # smoothed (and mixed)
+    assert not torch.equal(images, batch[0])
+    data.trainer = SimpleNamespace(training=False)
+    unchanged = data.on_after_batch_transfer(batch, 0)
+    assert unchanged[1].dtype == torch.int64
+
+
+def test_mixed_targets_reach_the_losses_through_the_cli(tmp_path):
+    write_image_tree(tmp_path / "tree", per_class=6)
+    common = [
+        "dataset=imagefolder", f"dataset.root={tmp_path}/tree", "dataset.image_size=32",
+        "dataset.batch_size=4", "dataset.num_workers=0",
+        "dataset.mixup={mixup_alpha: 0.8, cutmix_alpha: 1.0, label_smoothing: 0.1}",
+        "teacher=resnet20", "teacher.weights=random", "student=resnet8", "trainer.max_steps=2", "logger=none",
+    ]  # fmt: skip
+    ok = run_cli(*common, "method=kd", cwd=tmp_path)  # soft-target CE + KD
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    summary = next(tmp_path.glob("outputs/runs/*/*/summary.json")).read_text()
+    assert '"steps": 2' in summary and '"dataset": "imagefolder"' in summary
+    refused = run_cli(*common, "method=dkd", cwd=tmp_path)
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    assert "DKD needs class-index targets" in refused.stderr and "dataset.mixup=null" in refused.stderr
+
+
+def test_missing_imagenet_names_the_path_and_how_to_get_it(tmp_path):
+    result = run_cli("dataset=imagenet", f"paths.data_dir={tmp_path}", "logger=none", cwd=tmp_path)
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
+    assert f"{tmp_path}/imagenet/train" in result.stderr and "ILSVRC2012" in result.stderr
