@@ -3,7 +3,15 @@
 from torch import nn
 
 from kd_experiments.errors import UserError
-from kd_experiments.models import cifar_resnet, convnet  # noqa: F401  (registers the zoo)
+from kd_experiments.models import (  # noqa: F401  (registers the zoo)
+    cifar_resnet,
+    cifar_resnetv2,
+    convnet,
+    mobilenetv2,
+    shufflenet,
+    vgg,
+    wrn,
+)
 from kd_experiments.models.features import FEATURE_KINDS, NetworkOutput, extract_features
 from kd_experiments.models.registry import ZOO, register_model
 

@@ -7,9 +7,11 @@ method declares the features it needs; asking only for logits costs exactly one 
 Feature kinds:
   - `logits`: B x K, the class head (for a two-headed DeiT: the class-token head).
   - `embedding`: B x D, the pooled vector the classifier reads (timm's `pre_logits`).
-  - `stages`: the stem and each stage's output map (B x C x H x W), shallow to deep, post-activation.
-  - `preact_stages`: the same list with each stage's map taken before its final ReLU (the stem stays
-    post-activation), as ReviewKD's teacher needs; for the zoo and timm ResNets.
+  - `stages`: the stem and each stage's output map (B x C x H x W), shallow to deep, as the model's
+    mdistiller counterpart taps them (`feats`: post-activation, except WRN's raw residual sums).
+  - `preact_stages`: the same list with each stage's map taken before its final ReLU (mdistiller's
+    `preact_feats`; the stem stays post-activation), as ReviewKD's teacher needs; for the zoo and timm
+    ResNets.
   - `class_token`, `patch_mean`: a ViT's class token and the mean of its patch tokens after the final norm.
   - `distill_logits`: the second head of a two-headed ViT (timm's distilled DeiT, `head_dist` on token 1).
 """
