@@ -6,6 +6,8 @@ from collections.abc import Callable, Mapping
 
 import pytorch_lightning as pl
 import torch
+from timm.optim import create_optimizer_v2
+from timm.scheduler.scheduler import Scheduler as TimmScheduler
 from torch import nn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
@@ -132,9 +134,18 @@ class DistillationModule(pl.LightningModule):
         if not self.trainer.sanity_checking:
             self.validation_history.append({"epoch": self.current_epoch, "top1": top1, "top5": top5})
 
+    def no_weight_decay(self) -> set[str]:
+        """The student's own no-decay names (timm ViTs: pos_embed, cls_token, ...), for timm's optimizer."""
+        names = getattr(self.student, "no_weight_decay", lambda: set())()
+        return {f"student.{name}" for name in names}
+
     def configure_optimizers(self):
-        trainable = [p for p in self.parameters() if p.requires_grad]
-        optimizer = self.optimizer_factory(trainable)
+        if getattr(self.optimizer_factory, "func", None) is create_optimizer_v2:
+            # timm builds the parameter groups from the module: norms, biases and the student's
+            # no_weight_decay() names get no weight decay when filter_bias_and_bn is set.
+            optimizer = self.optimizer_factory(self)
+        else:
+            optimizer = self.optimizer_factory([p for p in self.parameters() if p.requires_grad])
         if self.scheduler_factory is None:
             return optimizer
         scheduler = self.scheduler_factory(optimizer)
@@ -142,6 +153,15 @@ class DistillationModule(pl.LightningModule):
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": scheduler, "interval": self.scheduler_interval},
         }
+
+    def lr_scheduler_step(self, scheduler, metric) -> None:
+        if isinstance(scheduler, TimmScheduler):  # timm schedulers are told the epoch / update count
+            if self.scheduler_interval == "step":
+                scheduler.step_update(num_updates=self.global_step)
+            else:
+                scheduler.step(epoch=self.current_epoch + 1)
+        else:
+            super().lr_scheduler_step(scheduler, metric)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["teacher_identity"] = self.teacher_identity

@@ -20,15 +20,18 @@ from pytorch_lightning.utilities import rank_zero_only
 from rich.console import Console
 from rich.table import Table
 
-from kd_experiments.callbacks import TrainThroughput, progress_bar
+from kd_experiments.callbacks import TrainThroughput, WeightAveraging, progress_bar
 from kd_experiments.data.base import ClassificationData
 from kd_experiments.errors import UserError
 from kd_experiments.loggers import finish_logger
 from kd_experiments.models import create_model, extract_features
+from kd_experiments.models.features import has_distill_head
 from kd_experiments.module import DistillationModule
 from kd_experiments.teachers import build_teacher, model_kwargs, prepare_teacher_statistics
 
 log = logging.getLogger(__name__)
+
+REPORT_PROTOCOLS = ("last", "best", "weight_average")
 
 # In-memory data sets need no loader workers; Lightning's advice to add some is noise here.
 warnings.filterwarnings("ignore", message=".*does not have many workers.*")
@@ -52,9 +55,14 @@ def train(cfg: DictConfig) -> float | None:
         "overrides": _task_overrides(),
         "output_dir": str(output_dir),
     }
+    if cfg.get("paper"):  # a recipe's published number, copied next to this run's result
+        summary["paper"] = OmegaConf.to_container(cfg.paper, resolve=True)
     try:
         summary |= _fit(cfg, output_dir)
         summary["status"] = "completed"
+        paper_top1 = (summary.get("paper") or {}).get("top1")
+        if paper_top1 is not None and summary["student_top1_reported"] is not None:
+            summary["gap_to_paper"] = round(summary["student_top1_reported"] - paper_top1, 2)
     except BaseException as error:
         summary |= {"status": "failed", "error": f"{type(error).__name__}: {error}"}
         raise
@@ -123,6 +131,14 @@ def _fit(cfg: DictConfig, output_dir: Path) -> dict:
     logger = build(cfg.logger, "logger", **_logger_names(cfg.logger, output_dir)) if cfg.logger else False
     throughput = TrainThroughput()
     callbacks = [throughput, *_standard_callbacks(cfg, output_dir, has_logger=bool(logger))]
+    report = cfg.get("report", "last")
+    if report not in REPORT_PROTOCOLS:
+        raise UserError(f"report={report!r} is not one of {', '.join(REPORT_PROTOCOLS)}")
+    averaging = (
+        WeightAveraging(cfg.get("average_epochs", 10), output_dir) if report == "weight_average" else None
+    )
+    if averaging:
+        callbacks.append(averaging)
     trainer: pl.Trainer = build(cfg.trainer, "trainer", callbacks=callbacks, logger=logger)
     try:
         if logger:
@@ -133,9 +149,16 @@ def _fit(cfg: DictConfig, output_dir: Path) -> dict:
 
     history = module.validation_history
     checkpoint = next((c for c in callbacks if isinstance(c, ModelCheckpoint)), None)
+    last_top1 = history[-1]["top1"] if history else None
+    best_top1 = max(h["top1"] for h in history) if history else None
+    reported = {"last": last_top1, "best": best_top1}.get(report, averaging.top1 if averaging else None)
     return {
-        "student_top1": history[-1]["top1"] if history else None,
-        "student_top1_best": max(h["top1"] for h in history) if history else None,
+        "student_top1": last_top1,
+        "student_top1_best": best_top1,
+        "report": report,
+        "student_top1_reported": reported,
+        "averaged_epochs": averaging.averaged_epochs if averaging else None,
+        "two_head_inference": has_distill_head(student),
         "student_top5": history[-1]["top5"] if history else None,
         "teacher_top1": module.teacher_top1,
         "teacher_source": teacher_identity.get("source"),
@@ -264,6 +287,19 @@ def _print_result_table(summary: dict) -> None:
     )
     table.add_row(f"student {summary['student']}, last epoch", percent(summary["student_top1"]))
     table.add_row(f"student {summary['student']}, best epoch", percent(summary["student_top1_best"]))
+    if summary.get("report") == "weight_average":
+        table.add_row(
+            f"student, weights averaged over {summary.get('averaged_epochs')} epochs",
+            percent(summary.get("student_top1_reported")),
+        )
+    paper = summary.get("paper") or {}
+    if paper.get("top1") is not None:
+        gap = summary.get("gap_to_paper")
+        table.add_row(
+            f"paper ({paper.get('source', 'published')}); this run's {summary.get('report')} is "
+            f"{'-' if gap is None else f'{gap:+.2f}'} points from it",
+            percent(paper["top1"]),
+        )
     console = Console()
     console.print(table)
     throughput = summary["train_images_per_s"] or "-"
