@@ -329,3 +329,31 @@ def _atomic_write_text(text: str, path: Path) -> None:
     with os.fdopen(descriptor, "w") as handle:
         handle.write(text)
     os.replace(tmp, path)
+
+
+def check_teacher_reference(teacher: nn.Module, teacher_cfg: DictConfig, datamodule: ClassificationData):
+    """Score the teacher on the validation split before distilling when its published top-1 is known
+    (`teacher.reference_top1`); warn loudly when it is more than `reference_tolerance` points below.
+    Returns the measured top-1 (%), or None when there is no reference."""
+    reference = teacher_cfg.get("reference_top1")
+    if reference is None:
+        return None
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    teacher.to(device)
+    correct = total = 0
+    with torch.no_grad():
+        for images, targets in datamodule.val_dataloader():
+            correct += (teacher(images.to(device)).argmax(1).cpu() == targets).sum().item()
+            total += len(targets)
+    teacher.cpu()
+    top1 = 100.0 * correct / max(total, 1)
+    tolerance = teacher_cfg.get("reference_tolerance", 2.0)
+    if top1 < reference - tolerance:
+        log.warning(
+            f"TEACHER CHECK FAILED: {teacher_cfg.arch} scores {top1:.2f}% on {datamodule.name} val, "
+            f"{reference - top1:.2f} points below its reference {reference:.2f}%: check teacher.checkpoint "
+            "/ teacher.pretrained and the data set's normalisation before spending a full run on it"
+        )
+    else:
+        log.info(f"Teacher check: {top1:.2f}% on {datamodule.name} val (reference {reference:.2f}%)")
+    return top1

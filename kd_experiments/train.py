@@ -27,7 +27,12 @@ from kd_experiments.loggers import finish_logger
 from kd_experiments.models import create_model, extract_features
 from kd_experiments.models.features import has_distill_head
 from kd_experiments.module import DistillationModule
-from kd_experiments.teachers import build_teacher, model_kwargs, prepare_teacher_statistics
+from kd_experiments.teachers import (
+    build_teacher,
+    check_teacher_reference,
+    model_kwargs,
+    prepare_teacher_statistics,
+)
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +97,9 @@ def _fit(cfg: DictConfig, output_dir: Path) -> dict:
     teacher, teacher_identity = build_teacher(
         cfg.teacher, cfg.dataset, datamodule, cfg.paths.teacher_cache_dir
     )
+    teacher_reference_top1 = (
+        check_teacher_reference(teacher, cfg.teacher, datamodule) if teacher is not None else None
+    )
     # Re-seed so that the student's initialisation does not depend on how the teacher was obtained.
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     student = create_model(
@@ -128,6 +136,7 @@ def _fit(cfg: DictConfig, output_dir: Path) -> dict:
         teacher_identity=teacher_identity,
     )
 
+    module.teacher_top1 = teacher_reference_top1  # measured already: the first validation reuses it
     logger = build(cfg.logger, "logger", **_logger_names(cfg.logger, output_dir)) if cfg.logger else False
     throughput = TrainThroughput()
     callbacks = [throughput, *_standard_callbacks(cfg, output_dir, has_logger=bool(logger))]
@@ -161,6 +170,7 @@ def _fit(cfg: DictConfig, output_dir: Path) -> dict:
         "two_head_inference": has_distill_head(student),
         "student_top5": history[-1]["top5"] if history else None,
         "teacher_top1": module.teacher_top1,
+        "teacher_reference_top1": cfg.teacher.get("reference_top1"),
         "teacher_source": teacher_identity.get("source"),
         "teacher_sha256": teacher_identity.get("sha256"),
         "epochs": trainer.current_epoch,

@@ -7,6 +7,7 @@ from kd_experiments.models import (  # noqa: F401  (registers the zoo)
     cifar_resnet,
     cifar_resnetv2,
     convnet,
+    deit_convstem,
     mobilenetv2,
     shufflenet,
     vgg,
