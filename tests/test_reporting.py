@@ -3,6 +3,7 @@ number copied next to the result, and the timm optimizer/scheduler factories."""
 
 import json
 
+import pytest
 import pytorch_lightning as pl
 import torch
 
@@ -100,3 +101,34 @@ def test_sgd_recipe_settings_reach_torch_sgd():
         0.05,
     )
     assert pl.__version__  # Lightning drives the loop; the factory only builds the optimizer
+
+
+def test_teacher_is_checked_against_its_reference_before_distilling(workdir):
+    result = run_cli(*QUICK, "trainer.max_epochs=1", "teacher.reference_top1=99.9", cwd=workdir)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (
+        "TEACHER CHECK FAILED: convnet_wide scores 97.84% on digits val, 2.06 points below" in result.stderr
+    )
+    summary = json.loads(next(workdir.glob("outputs/runs/*/*/summary.json")).read_text())
+    assert summary["teacher_reference_top1"] == 99.9 and round(summary["teacher_top1"], 2) == 97.84
+    fine = run_cli(*QUICK, "trainer.max_epochs=1", "teacher.reference_top1=98.5", "seed=1", cwd=workdir)
+    fine_output = fine.stdout + fine.stderr
+    assert "TEACHER CHECK FAILED" not in fine_output and "Teacher check: 97.84%" in fine_output
+
+
+def test_lr_scaling_resolver_uses_the_global_batch():
+    from omegaconf import OmegaConf
+
+    import kd_experiments  # noqa: F401  (registers the resolver)
+
+    cfg = OmegaConf.create(
+        {
+            "dataset": {"batch_size": 128},
+            "trainer": {"devices": 4, "num_nodes": 2},
+            "lr": "${kd.scaled_lr:5e-4,${dataset.batch_size},${trainer.devices},${trainer.num_nodes},512}",
+        }
+    )
+    assert cfg.lr == 5e-4 * 128 * 4 * 2 / 512
+    cfg.trainer.devices = "auto"
+    with pytest.raises(Exception, match="needs an integer trainer.devices"):
+        _ = cfg.lr
