@@ -123,6 +123,9 @@ def nd_loss(
     the projection of s_b onto e_{y_b} up to |t_b|. The weight lambda_ND is left to the caller. Only the
     student receives gradients: the teacher embedding enters through its norm alone, and the centres are
     fixed statistics.
+
+    `target` is B class indices, or B x K soft targets (Mixup/CutMix, label smoothing): then the centre is
+    mixed like the targets, e_b = normalise(sum_k y_bk c_k), as the ND DeiT++ code does.
     """
     if student_emb.shape != teacher_emb.shape:
         raise ValueError(
@@ -133,7 +136,11 @@ def nd_loss(
         raise ValueError(
             f"nd_loss: class_centers must be K x {student_emb.shape[1]}, got {tuple(class_centers.shape)}"
         )
-    centre_directions = F.normalize(class_centers.detach()[target], dim=1)
+    if target.dim() == 2:  # soft targets: the same mixture of class centres
+        centres = target.to(class_centers.dtype) @ class_centers.detach()
+    else:
+        centres = class_centers.detach()[target]
+    centre_directions = F.normalize(centres, dim=1)
     projection = (student_emb * centre_directions).sum(dim=1)
     larger_norm = torch.maximum(student_emb.norm(dim=1), teacher_emb.detach().norm(dim=1))
     return (1 - projection / larger_norm).mean()

@@ -159,3 +159,25 @@ def test_missing_imagenet_names_the_path_and_how_to_get_it(tmp_path):
     result = run_cli("dataset=imagenet", f"paths.data_dir={tmp_path}", "logger=none", cwd=tmp_path)
     assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
     assert f"{tmp_path}/imagenet/train" in result.stderr and "ILSVRC2012" in result.stderr
+
+
+def test_soft_targets_give_soft_ce_and_mixed_nd_centres():
+    import torch.nn.functional as F
+
+    from kd_experiments.losses import nd_loss
+
+    logits = torch.tensor([[2.0, 0.0, -1.0], [0.0, 1.0, 3.0]])
+    soft = torch.tensor([[0.7, 0.3, 0.0], [0.0, 0.1, 0.9]])
+    # F.cross_entropy with probabilities is timm's SoftTargetCrossEntropy: mean_b sum_k -y log softmax
+    expected = (-(soft * torch.log_softmax(logits, 1)).sum(1)).mean()
+    torch.testing.assert_close(F.cross_entropy(logits, soft), expected)
+    centres = torch.tensor([[1.0, 0.0], [0.0, 2.0], [-1.0, -1.0]])
+    student = torch.tensor([[3.0, 1.0], [1.0, -2.0]])
+    teacher = torch.ones(2, 2)
+    mixed = F.normalize(soft @ centres, dim=1)
+    by_hand = (1 - (student * mixed).sum(1) / torch.maximum(student.norm(dim=1), teacher.norm(dim=1))).mean()
+    torch.testing.assert_close(nd_loss(student, teacher, soft, centres), by_hand)
+    one_hot = F.one_hot(torch.tensor([0, 2]), 3).float()  # one-hot soft targets = the hard-label loss
+    torch.testing.assert_close(
+        nd_loss(student, teacher, one_hot, centres), nd_loss(student, teacher, torch.tensor([0, 2]), centres)
+    )
