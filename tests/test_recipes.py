@@ -1,5 +1,5 @@
 """Every recipe in conf/experiment/ composes and trains 2 optimizer steps on CPU with its real models and a
-generated stand-in for its data set (CIFAR-format archive; a 1000-class ImageFolder tree at 64 px)."""
+generated stand-in for its data set (CIFAR-format archive; a 10-class ImageFolder tree at 64 px)."""
 
 import json
 import pickle
@@ -15,12 +15,14 @@ from tests.conftest import REPO, compose_config
 EXPERIMENTS = sorted(p.stem for p in (REPO / "conf/experiment").glob("*.yaml"))
 RECIPES = [name for name in EXPERIMENTS if not name.startswith("ablation_")]
 STAND_IN_IMAGE_SIZE = 64  # ImageNet recipes run at 64 px here (224 in the recipe)
+STAND_IN_IMAGENET_CLASSES = 10  # and with 10 classes (the models' heads follow dataset.num_classes)
 
 
 @pytest.fixture(scope="module")
 def stand_in_data(tmp_path_factory) -> Path:
     """`data/cifar/cifar-100-python` (200 train images covering all 100 classes, 8 test images) and
-    `data/imagenet/{train,val}/<1000 classes>/0.png`, so per-class statistics (ND) see every class."""
+    `data/imagenet/{train,val}/<10 classes>/{0,1}.png` (the ImageNet recipes run with 10 classes here), so
+    per-class statistics (ND) see every class without a teacher pass over 1000 classes."""
     root = tmp_path_factory.mktemp("data")
     rng = np.random.default_rng(0)
     cifar = root / "cifar/cifar-100-python"
@@ -34,10 +36,11 @@ def stand_in_data(tmp_path_factory) -> Path:
     (cifar / "meta").write_bytes(pickle.dumps({"fine_label_names": [str(i) for i in range(100)]}))
     pixels = rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)
     for split in ("train", "val"):
-        for index in range(1000):
+        for index in range(STAND_IN_IMAGENET_CLASSES):
             folder = root / f"imagenet/{split}/n{index:08d}"
             folder.mkdir(parents=True)
-            Image.fromarray(pixels).save(folder / "0.png")
+            for image in range(2):
+                Image.fromarray(pixels).save(folder / f"{image}.png")
     return root
 
 
@@ -53,7 +56,10 @@ def recipe_overrides(name: str, data_dir: Path, work_dir: Path) -> list[str]:
         "teacher.reference_top1=null",
     ]  # fmt: skip
     if cfg.dataset.name == "imagenet":
-        overrides.append(f"dataset.image_size={STAND_IN_IMAGE_SIZE}")
+        overrides += [
+            f"dataset.image_size={STAND_IN_IMAGE_SIZE}",
+            f"dataset.num_classes={STAND_IN_IMAGENET_CLASSES}",
+        ]
         for role in ("teacher", "student"):
             if any(token in cfg[role].arch for token in ("vit", "deit")):
                 overrides.append(f"++{role}.model_kwargs.img_size={STAND_IN_IMAGE_SIZE}")
@@ -75,3 +81,11 @@ def test_recipe_trains_two_steps_on_a_stand_in(name, stand_in_data, tmp_path):
     assert summary["status"] == "completed" and summary["steps"] == 2
     if paper_recipe:
         assert summary["paper"]["top1"] == cfg.paper.top1
+
+
+def test_readme_lists_every_recipe_with_its_paper_number():
+    from kd_experiments.recipes import markdown_table, recipe_rows
+
+    readme = (REPO / "README.md").read_text()
+    assert markdown_table() in readme, "regenerate the README table: python -m kd_experiments.recipes"
+    assert len(recipe_rows()) == len([n for n in RECIPES if n != "digits_kd"])

@@ -1,0 +1,293 @@
+"""The paper recipes in conf/experiment/ hold the official numbers that /work/shared/methods.md lists (the
+section is named in each test), and the ablation recipes sweep what they say. Composition only: nothing
+trains here."""
+
+import itertools
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+import kd_experiments  # noqa: F401  (registers the kd.scaled_lr resolver)
+from tests.conftest import CONF_DIR, REPO, compose_config
+
+EXPERIMENTS = sorted(p.stem for p in (REPO / "conf/experiment").glob("*.yaml"))
+ABLATIONS = [name for name in EXPERIMENTS if name.startswith("ablation_")]
+PAPER_RECIPES = [name for name in EXPERIMENTS if not name.startswith("ablation_") and name != "digits_kd"]
+
+
+def resolved(cfg, key: str):
+    return OmegaConf.select(cfg, key, throw_on_missing=True)
+
+
+def objectives(cfg) -> dict:
+    """A composed (`Compose`) method's objectives by class name."""
+    return {o._target_.rsplit(".", 1)[1]: o for o in cfg.method.objective.objectives}
+
+
+def test_dkd_cifar100_resnet32x4_resnet8x4_is_mdistillers_config():
+    # methods.md 0 and b: mdistiller configs/cifar100/dkd/res32x4_res8x4.yaml
+    cfg = compose_config("experiment=dkd_cifar100_resnet32x4_resnet8x4")
+    assert cfg.trainer.max_epochs == 240
+    assert cfg.dataset.name == "cifar100" and cfg.dataset.batch_size == 64
+    assert cfg.optimizer.opt == "momentum" and cfg.optimizer.momentum == 0.9  # no Nesterov
+    assert cfg.optimizer.lr == 0.05 and cfg.optimizer.weight_decay == 5e-4
+    assert list(cfg.scheduler.milestones) == [150, 180, 210] and cfg.scheduler.gamma == 0.1
+    objective = cfg.method.objective
+    assert (objective.alpha, objective.beta, objective.temperature) == (1.0, 8.0, 4.0)
+    assert objective.warmup_epochs == 20 and objective.warmup_epoch_base == 1  # mdistiller counts from 1
+    assert dict(cfg.method.weights) == {"ce": 1.0, "dkd": 1.0}
+    assert cfg.teacher.reference_top1 == 79.42
+    assert cfg.teacher.checkpoint.endswith("cifar_teachers/resnet32x4_vanilla/ckpt_epoch_240.pth")
+    assert cfg.report == "best" and cfg.paper.top1 == 76.32
+
+
+@pytest.mark.parametrize(
+    ("name", "lr", "beta"),
+    [
+        ("dkd_cifar100_resnet56_resnet20", 0.05, 2.0),
+        ("dkd_cifar100_wrn_40_2_wrn_40_1", 0.05, 6.0),
+        ("dkd_cifar100_ResNet50_MobileNetV2", 0.01, 8.0),
+        ("dkd_cifar100_resnet32x4_ShuffleV1", 0.01, 8.0),
+        ("dkd_cifar100_resnet32x4_ShuffleV2", 0.01, 8.0),
+    ],
+)
+def test_dkd_cifar100_per_pair_beta_and_lightweight_lr(name, lr, beta):
+    # methods.md b: beta 2 for res56 -> res20, 6 for wrn40-2 -> wrn40-1, 8 otherwise; LR 0.01 for
+    # MV2/ShV1/ShV2
+    cfg = compose_config(f"experiment={name}")
+    assert cfg.optimizer.lr == lr and cfg.method.objective.beta == beta
+
+
+def test_kd_cifar100_is_mdistillers_kd():
+    # methods.md a: T 4, CE 0.1 / KD 0.9 on the section-0 protocol
+    cfg = compose_config("experiment=kd_cifar100_resnet32x4_resnet8x4")
+    assert cfg.method.objective.temperature == 4.0
+    assert dict(cfg.method.weights) == {"ce": 0.1, "kd": 0.9}
+    assert (cfg.trainer.max_epochs, cfg.dataset.batch_size, cfg.optimizer.lr) == (240, 64, 0.05)
+    assert cfg.paper.top1 == 73.33
+
+
+@pytest.mark.parametrize(
+    ("pair", "kd", "nd", "lr"),
+    [
+        ("resnet56_resnet20", 1.0, 2.0, 0.1),
+        ("resnet32x4_resnet8x4", 3.5, 2.0, 0.1),
+        ("wrn_40_2_wrn_40_1", 1.0, 1.5, 0.1),
+        ("ResNet50_MobileNetV2", 3.0, 0.5, 0.02),
+        ("resnet32x4_ShuffleV1", 2.5, 1.5, 0.02),
+        ("resnet32x4_ShuffleV2", 4.0, 0.5, 0.02),
+    ],
+)
+def test_nd_kd_plus_plus_cifar100_weights(pair, kd, nd, lr):
+    # methods.md g: per-pair KD++ weights; Nesterov, wd 5e-4, batch 64 per GPU x 2 GPUs, T 4, KD warm-up 20
+    # epochs counted from 0, ND not warmed up
+    cfg = compose_config(f"experiment=nd-kd++_cifar100_{pair}")
+    assert dict(cfg.method.weights) == {"ce": 1.0, "kd": kd, "nd": nd}
+    assert cfg.optimizer.opt == "nesterov" and cfg.optimizer.lr == lr and cfg.optimizer.weight_decay == 5e-4
+    assert cfg.dataset.batch_size * cfg.trainer.devices == 128
+    hinton = objectives(cfg)["HintonKD"]
+    assert (hinton.temperature, hinton.warmup_epochs, hinton.warmup_epoch_base) == (4.0, 20, 0)
+    assert "NormDirection" in objectives(cfg)
+    assert cfg.trainer.max_epochs == 240 and list(cfg.scheduler.milestones) == [150, 180, 210]
+
+
+@pytest.mark.parametrize(
+    ("pair", "alpha", "beta", "nd"),
+    [
+        ("resnet56_resnet20", 2.5, 4.0, 3.5),
+        ("resnet32x4_resnet8x4", 2.0, 8.0, 0.5),
+        ("wrn_40_2_wrn_40_1", 1.0, 6.0, 1.0),
+        ("ResNet50_MobileNetV2", 0.5, 8.0, 1.0),
+        ("resnet32x4_ShuffleV1", 0.5, 8.0, 4.0),
+        ("resnet32x4_ShuffleV2", 0.5, 6.0, 0.5),
+    ],
+)
+def test_nd_dkd_plus_plus_cifar100_weights(pair, alpha, beta, nd):
+    cfg = compose_config(f"experiment=nd-dkd++_cifar100_{pair}")
+    dkd = objectives(cfg)["DecoupledKD"]
+    assert (dkd.alpha, dkd.beta, dkd.temperature, dkd.warmup_epoch_base) == (alpha, beta, 4.0, 0)
+    assert cfg.method.weights.nd == nd and cfg.method.weights.dkd == 1.0
+
+
+@pytest.mark.parametrize(
+    ("variant", "term", "table"),
+    [
+        ("dist++", "dist", [(2.0, 1.0), (1.5, 4.0), (2.5, 3.0), (7.0, 1.0), (2.5, 3.0), (3.0, 4.0)]),
+        ("reviewkd++", "reviewkd", [(1.2, 1.0), (8.0, 1.0), (5.0, 4.0), (6.0, 2.0), (7.0, 1.0), (8.0, 1.5)]),
+    ],
+)
+def test_nd_dist_and_reviewkd_plus_plus_cifar100_weights(variant, term, table):
+    pairs = ["resnet56_resnet20", "resnet32x4_resnet8x4", "wrn_40_2_wrn_40_1", "ResNet50_MobileNetV2",
+             "resnet32x4_ShuffleV1", "resnet32x4_ShuffleV2"]  # fmt: skip
+    for pair, (kd, nd) in zip(pairs, table, strict=True):
+        cfg = compose_config(f"experiment=nd-{variant}_cifar100_{pair}")
+        assert (cfg.method.weights[term], cfg.method.weights.nd) == (kd, nd), pair
+
+
+def test_nd_imagenet_kd_plus_plus_resnet34_resnet18():
+    # methods.md g: 100 epochs, batch 512, LR 0.2, Nesterov, wd 1e-4, steps 30/60/90; kd 2.5, nd 1.0, T 1,
+    # KD warm-up 5 epochs
+    cfg = compose_config("experiment=nd-kd++_imagenet_resnet34_resnet18")
+    assert cfg.dataset.name == "imagenet" and cfg.dataset.batch_size * cfg.trainer.devices == 512
+    assert (cfg.optimizer.opt, cfg.optimizer.lr, cfg.optimizer.weight_decay) == ("nesterov", 0.2, 1e-4)
+    assert list(cfg.scheduler.milestones) == [30, 60, 90] and cfg.trainer.max_epochs == 100
+    assert dict(cfg.method.weights) == {"ce": 1.0, "kd": 2.5, "nd": 1.0}
+    hinton = objectives(cfg)["HintonKD"]
+    assert (hinton.temperature, hinton.warmup_epochs) == (1.0, 5)
+    assert cfg.paper.top1 == 71.98
+
+
+def test_srd_imagenet_resnet34_resnet18():
+    # methods.md e.1: res3418.yaml, 100 epochs, batch 256, SGD 0.1, wd 1e-4, [30, 60, 90]; CE 1 + KL 1 +
+    # 2 * log sum |.|^4 with BatchNorm1d eps 1e-4
+    cfg = compose_config("experiment=srd_imagenet_resnet34_resnet18")
+    assert (cfg.trainer.max_epochs, cfg.dataset.batch_size) == (100, 256)
+    assert (cfg.optimizer.opt, cfg.optimizer.lr, cfg.optimizer.weight_decay) == ("momentum", 0.1, 1e-4)
+    assert list(cfg.scheduler.milestones) == [30, 60, 90]
+    objective = cfg.method.objective
+    assert (objective.exponent, objective.eps, objective.distance, objective.temperature) == (
+        4.0, 1e-4, "logsum", 1.0,
+    )  # fmt: skip
+    assert dict(cfg.method.weights) == {"ce": 1.0, "kd": 1.0, "srd": 2.0}
+    assert cfg.teacher.pretrained == "tv_in1k" and cfg.paper.top1 == 71.87
+
+
+def test_srd_deit_ti_scales_all_three_lrs_by_the_global_batch():
+    # methods.md e.3: base LR 5e-4, warm-up LR 5e-7, min LR 5e-6, all x total batch / 512; 20 warm-up epochs,
+    # 300 epochs, wd 0.05, grad clip 15, AMP; correlation form, eps 0, all weights 1
+    cfg = compose_config("experiment=srd_imagenet_regnety_160_deit_ti_convstem")
+    assert cfg.dataset.batch_size * cfg.trainer.devices == 512
+    assert resolved(cfg, "optimizer.lr") == pytest.approx(5e-4)
+    assert resolved(cfg, "scheduler.lr_min") == pytest.approx(5e-6)
+    assert resolved(cfg, "scheduler.warmup_lr_init") == pytest.approx(5e-7)
+    assert cfg.scheduler.warmup_t == 20 and resolved(cfg, "scheduler.t_initial") == 300
+    assert cfg.trainer.gradient_clip_val == 15.0 and cfg.trainer.precision == "16-mixed"
+    assert cfg.optimizer.opt == "adamw" and cfg.optimizer.weight_decay == 0.05
+    objective = cfg.method.objective
+    assert (objective.distance, objective.eps, objective.student_embedding, objective.kd_logits) == (
+        "correlation", 1e-5, "patch_mean", "distill_logits",
+    )  # fmt: skip
+    assert dict(cfg.method.weights) == {"ce": 1.0, "kd": 1.0, "srd": 1.0}
+    assert cfg.dataset.auto_augment == "rand-m9-mstd0.5-inc1" and cfg.dataset.re_prob == 0.25
+    wider = compose_config("experiment=srd_imagenet_regnety_160_deit_ti_convstem", "trainer.devices=4")
+    assert resolved(wider, "optimizer.lr") == pytest.approx(1e-3)
+
+
+def test_vkd_deit_ti():
+    # methods.md f.1: AdamW at a fixed 5e-4, wd 0.05, cosine without warm-up to 5e-6, 300 epochs, batch 512 on
+    # 1 GPU, AMP, no clipping; Mixup 0.8 / CutMix 1.0 with smoothing 0.1; no RandAugment, no random erasing
+    cfg = compose_config("experiment=vkd_imagenet_regnety_160_deit_ti_convstem")
+    assert cfg.optimizer.opt == "adamw" and cfg.optimizer.lr == 5e-4 and cfg.optimizer.weight_decay == 0.05
+    assert cfg.scheduler.warmup_t == 0 and cfg.scheduler.lr_min == 5e-6
+    assert resolved(cfg, "scheduler.t_initial") == 300 and cfg.trainer.max_epochs == 300
+    assert (cfg.dataset.batch_size, cfg.trainer.devices) == (512, 1)
+    assert cfg.trainer.precision == "16-mixed" and cfg.trainer.get("gradient_clip_val") is None
+    mixup = cfg.dataset.mixup
+    assert (mixup.mixup_alpha, mixup.cutmix_alpha, mixup.label_smoothing) == (0.8, 1.0, 0.1)
+    assert (mixup.prob, mixup.switch_prob, mixup.mode) == (1.0, 0.5, "batch")
+    assert cfg.dataset.re_prob == 0.0 and not cfg.dataset.auto_augment.startswith("rand")
+    assert cfg.dataset.interpolation == "bicubic"
+    objective = cfg.method.objective
+    assert (objective.projector, objective.normalize_teacher, objective.temperature) == (
+        "orthogonal",
+        True,
+        1.0,
+    )
+    assert (objective.student_embedding, objective.kd_logits) == ("patch_mean", "distill_logits")
+    assert dict(cfg.method.weights) == {"ce": 1.0, "kd": 1.0, "vkd": 1.0}
+    assert cfg.teacher.arch == "regnety_160" and cfg.student.arch == "deit_ti_convstem"
+    assert cfg.paper.top1 == 78.3
+
+
+def test_lshfm_imagenet_resnet34_resnet18():
+    # methods.md h: lshl2_s, gamma 1 / alpha 0 / beta 5, N 2048, std 0.06, bias 0; SGD 0.1, wd 1e-4, batch
+    # 256, 100 epochs, x0.1 every 30; the reported model averages the weights of the last 10 epochs
+    cfg = compose_config("experiment=lshfm_imagenet_resnet34_resnet18")
+    assert cfg.report == "weight_average" and cfg.average_epochs == 10
+    objective = cfg.method.objective
+    assert (objective.selective, objective.num_hashes, objective.std, objective.bias) == (
+        True,
+        2048,
+        0.06,
+        "zero",
+    )
+    assert dict(cfg.method.weights) == {"ce": 1.0, "l2": 5.0, "lsh": 5.0}
+    assert (cfg.optimizer.lr, cfg.optimizer.weight_decay, cfg.dataset.batch_size) == (0.1, 1e-4, 256)
+    assert list(cfg.scheduler.milestones) == [30, 60, 90] and cfg.trainer.max_epochs == 100
+    assert cfg.paper.top1 == 71.72
+
+
+def test_deit_distilled_lr_is_scaled_to_the_global_batch_of_1024():
+    # methods.md i: AdamW 5e-4 x global batch / 512, wd 0.05, 5 warm-up epochs, hard distillation 0.5 / 0.5
+    for student, top1 in (("deit_ti", 74.5), ("deit_s", 81.2), ("deit_b", 83.4)):
+        cfg = compose_config(f"experiment=deit_imagenet_regnety_160_{student}")
+        batch = cfg.dataset.batch_size * cfg.trainer.devices * cfg.trainer.num_nodes
+        assert batch == 1024 and resolved(cfg, "optimizer.lr") == pytest.approx(1e-3)
+        assert cfg.scheduler.warmup_t == 5 and cfg.method.objective.kind == "hard"
+        assert dict(cfg.method.weights) == {"ce": 0.5, "distill": 0.5}
+        assert cfg.student.model_kwargs.drop_path_rate == 0.1 and cfg.paper.top1 == top1
+
+
+@pytest.mark.parametrize("name", PAPER_RECIPES)
+def test_every_paper_recipe_names_its_number_source_and_protocol(name):
+    cfg = compose_config(f"experiment={name}")
+    assert isinstance(cfg.paper.top1, float) and cfg.paper.source
+    assert cfg.report in ("best", "last", "weight_average")
+    assert cfg.dataset.name in ("cifar100", "imagenet")
+    if cfg.dataset.name == "cifar100":
+        assert cfg.teacher.checkpoint.endswith(
+            f"cifar_teachers/{cfg.teacher.arch}_vanilla/ckpt_epoch_240.pth"
+        )
+        assert cfg.teacher.reference_top1 is not None
+    else:
+        assert cfg.teacher.pretrained is not None and cfg.teacher.reference_top1 is not None
+    resolved(cfg, "optimizer.lr")  # the LR resolves (kd.scaled_lr where used)
+
+
+# ---------------------------------------------------------------- ablations
+
+SWEEPS = {
+    "ablation_kd_temperature": {"method.objective.temperature": ["1.0", "2.0", "4.0", "8.0"]},
+    "ablation_nd_weight": {"method.weights.nd": ["0.0", "0.5", "1.0", "2.0", "4.0", "8.0"]},
+    "ablation_srd_distance": {
+        "method.objective.exponent": ["2.0", "4.0", "6.0"],
+        "method.objective.distance": ["logsum", "correlation"],
+    },
+    "ablation_vkd_projector": {
+        "method.objective.projector": ["orthogonal", "linear"],
+        "method.objective.normalize_teacher": ["true", "false"],
+    },
+}
+BASES = {
+    "ablation_kd_temperature": "kd_cifar100_resnet32x4_resnet8x4",
+    "ablation_nd_weight": "nd-kd++_cifar100_resnet32x4_resnet8x4",
+    "ablation_srd_distance": "srd_imagenet_resnet34_resnet18",
+    "ablation_vkd_projector": "vkd_imagenet_regnety_160_deit_ti_convstem",
+}
+
+
+def test_every_ablation_is_checked():
+    assert sorted(SWEEPS) == ABLATIONS
+
+
+@pytest.mark.parametrize("name", ABLATIONS)
+def test_ablation_sweeps_the_stated_parameters_and_every_job_composes(name):
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        hydra_cfg = compose("config", overrides=[f"experiment={name}"], return_hydra_config=True)
+    params = {
+        key: [v.strip() for v in value.split(",")] for key, value in hydra_cfg.hydra.sweeper.params.items()
+    }
+    assert params == SWEEPS[name]
+
+    # Without -m the ablation is its base recipe.
+    base = OmegaConf.to_container(compose_config(f"experiment={BASES[name]}"), resolve=False)
+    assert OmegaConf.to_container(compose_config(f"experiment={name}"), resolve=False) == base
+
+    # Each job of the multirun (the basic sweeper's cartesian product) composes with its value set.
+    keys = list(params)
+    for values in itertools.product(*(params[key] for key in keys)):
+        overrides = [f"{key}={value}" for key, value in zip(keys, values, strict=True)]
+        cfg = compose_config(f"experiment={name}", *overrides)
+        for key, value in zip(keys, values, strict=True):
+            assert str(OmegaConf.select(cfg, key)).lower() == value.lower()
