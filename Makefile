@@ -18,8 +18,10 @@ $(STAMP): pyproject.toml
 run: install
 	$(BIN)/python -m kd_experiments $(ARGS)
 
+# Two pytest workers with one thread each: most tests are short CLI runs dominated by start-up, and one
+# thread per process keeps two of them from fighting over the cores.
 test: install
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n 2 $(PYTEST_ARGS)
 
 lint: install
 	$(BIN)/ruff check .

@@ -130,6 +130,12 @@ METHOD_TERMS = {
 }  # fmt: skip
 SMALL_TIMM_DEIT = ["student=deit_ti", "+student.model_kwargs.img_size=32",
                    "+student.model_kwargs.patch_size=8", "+student.model_kwargs.depth=2"]  # fmt: skip
+# Extra pairs: two epochs of two batches (and two validation batches); the default pair runs whole.
+FEW_BATCHES = [
+    "++trainer.limit_train_batches=2",
+    "++trainer.limit_val_batches=2",
+    "trainer.log_every_n_steps=1",
+]
 DEIT_TAPS = ["method.objective.student_embedding=patch_mean", "method.objective.kd_logits=distill_logits"]
 PAIRS = {
     # The embedded default pair (convnet_wide -> convnet_narrow, 8x8 digits).
@@ -141,7 +147,7 @@ PAIRS = {
             "teacher=resnet20",
             "student=resnet8",
             "teacher.recipe.max_epochs=2",
-            "++trainer.limit_val_batches=2",
+            *FEW_BATCHES,
         ],
     ),
     # A timm CNN pair on digits resized to 32x32 RGB.
@@ -153,7 +159,7 @@ PAIRS = {
             "teacher.arch=resnet18",
             "student.arch=resnet10t",
             "teacher.recipe.max_epochs=1",
-            "++trainer.limit_val_batches=2",
+            *FEW_BATCHES,
         ],
     ),  # fmt: skip
     # A timm CNN teacher and a two-headed DeiT student: the token-reading methods.
@@ -165,7 +171,7 @@ PAIRS = {
             "teacher.arch=resnet18",
             "teacher.recipe.max_epochs=1",
             *SMALL_TIMM_DEIT,
-            "++trainer.limit_val_batches=2",
+            *FEW_BATCHES,
         ],
     ),  # fmt: skip
 }

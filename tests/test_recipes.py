@@ -1,5 +1,5 @@
 """Every recipe in conf/experiment/ composes and trains 2 optimizer steps on CPU with its real models and a
-generated stand-in for its data set (CIFAR-format archive; a 10-class ImageFolder tree at 64 px)."""
+generated stand-in for its data set (CIFAR-format archive; a 10-class ImageFolder tree at 32 px)."""
 
 import json
 import pickle
@@ -14,7 +14,7 @@ from tests.conftest import REPO, compose_config
 
 EXPERIMENTS = sorted(p.stem for p in (REPO / "conf/experiment").glob("*.yaml"))
 RECIPES = [name for name in EXPERIMENTS if not name.startswith("ablation_")]
-STAND_IN_IMAGE_SIZE = 64  # ImageNet recipes run at 64 px here (224 in the recipe)
+STAND_IN_IMAGE_SIZE = 32  # ImageNet recipes run at 32 px here (224 in the recipe)
 STAND_IN_IMAGENET_CLASSES = 10  # and with 10 classes (the models' heads follow dataset.num_classes)
 
 
@@ -49,7 +49,7 @@ def recipe_overrides(name: str, data_dir: Path, work_dir: Path) -> list[str]:
     overrides = [
         f"experiment={name}", f"paths.data_dir={data_dir}", f"paths.log_dir={work_dir}/outputs",
         f"paths.output_dir={work_dir}/run", "logger=none", "trainer.max_steps=2", "trainer.accelerator=cpu",
-        "trainer.devices=1", "trainer.strategy=auto", "trainer.precision=32-true",
+        "trainer.devices=1", "trainer.num_nodes=1", "trainer.strategy=auto", "trainer.precision=32-true",
         "++trainer.limit_val_batches=1", "++trainer.enable_progress_bar=false",
         "++trainer.enable_model_summary=false", "dataset.batch_size=4", "dataset.num_workers=0",
         "teacher.checkpoint=null", "teacher.pretrained=null", "teacher.weights=random",
