@@ -199,3 +199,25 @@ def test_every_method_runs_end_to_end_and_logs_its_terms(pair, workdir):
         assert summary["status"] == "completed" and summary["epochs"] == 2
         seen.add(method)
     assert seen == set(methods)
+
+
+def test_nd_warmup_and_imagenet_projector_init():
+    torch.manual_seed(0)
+    method = NormDirection(warmup_epochs=5, warmup_epoch_base=0, projector_init="imagenet")
+    student = NetworkOutput(torch.zeros(4, 10), embedding=torch.randn(4, 8))
+    teacher = NetworkOutput(torch.zeros(4, 10), embedding=torch.randn(4, 32))
+    method.setup(student, teacher)
+    linear = method.projector[2]
+    assert 0.005 < linear.weight.std().item() < 0.015 and linear.bias.abs().max().item() > 0
+    method.set_teacher_statistics({"class_centers": torch.randn(10, 32)})
+    method.eval()  # no dropout: compare the same projection at two epochs
+    targets = torch.tensor([0, 1, 2, 3])
+    method.epoch = 10  # past the warm-up
+    full = method(student, teacher, targets)["nd"]
+    assert full.item() > 0
+    method.epoch = 0
+    assert method(student, teacher, targets)["nd"].item() == 0.0  # base 0: the first epoch has weight 0
+    method.epoch = 2
+    torch.testing.assert_close(method(student, teacher, targets)["nd"], full * 2 / 5)
+    with pytest.raises(ValueError, match="projector_init"):
+        NormDirection(projector_init="zeros").setup(student, teacher)

@@ -5,18 +5,25 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from kd_experiments.losses import nd_loss
-from kd_experiments.methods.base import DistillationMethod
+from kd_experiments.methods.base import DistillationMethod, linear_warmup
 from kd_experiments.models.features import NetworkOutput, extract_features
 
 
 class EmbeddingProjector(nn.Sequential):
     """ND's "EmbTrans" side branch, BN -> Dropout(0.5) -> Linear(D_s -> D_t), used only for the ND term
-    (the student's classifier reads the raw embedding) and discarded after training. CIFAR init: BN weight
-    1, bias 0; Linear bias 0."""
+    (the student's classifier reads the raw embedding) and discarded after training. `init="cifar"`: BN
+    weight 1, bias 0, Linear default weights with bias 0 (ND CIFAR code); `"imagenet"`: Linear weight and
+    bias ~ N(0, 0.01) (ND ImageNet code)."""
 
-    def __init__(self, student_dim: int, teacher_dim: int):
+    def __init__(self, student_dim: int, teacher_dim: int, init: str = "cifar"):
         super().__init__(nn.BatchNorm1d(student_dim), nn.Dropout(0.5), nn.Linear(student_dim, teacher_dim))
-        nn.init.zeros_(self[2].bias)
+        if init not in ("cifar", "imagenet"):
+            raise ValueError(f"ND projector_init must be 'cifar' or 'imagenet', got {init!r}")
+        if init == "imagenet":
+            nn.init.normal_(self[2].weight, std=0.01)
+            nn.init.normal_(self[2].bias, std=0.01)
+        else:
+            nn.init.zeros_(self[2].bias)
 
 
 class NormDirection(DistillationMethod):
@@ -33,15 +40,18 @@ class NormDirection(DistillationMethod):
     teacher_features = frozenset({"embedding"})
     statistics_name = "class_centers"
 
-    def __init__(self):
+    def __init__(self, warmup_epochs: int = 0, warmup_epoch_base: int = 0, projector_init: str = "cifar"):
         super().__init__()
+        # ND is not warmed up in the CIFAR scripts; the ImageNet DKD++ script warms it with DKD (5 epochs).
+        self.warmup_epochs, self.warmup_epoch_base = warmup_epochs, warmup_epoch_base
+        self.projector_init = projector_init
         self.projector: nn.Module = nn.Identity()
         self.register_buffer("class_centers", torch.empty(0), persistent=False)
 
     def setup(self, student_probe: NetworkOutput, teacher_probe: NetworkOutput | None) -> None:
         student_dim, teacher_dim = student_probe.embedding.shape[1], teacher_probe.embedding.shape[1]
         if student_dim != teacher_dim:
-            self.projector = EmbeddingProjector(student_dim, teacher_dim)
+            self.projector = EmbeddingProjector(student_dim, teacher_dim, self.projector_init)
 
     def compute_teacher_statistics(
         self, teacher: nn.Module, train_loader: DataLoader
@@ -68,4 +78,5 @@ class NormDirection(DistillationMethod):
         self, student: NetworkOutput, teacher: NetworkOutput | None, targets: torch.Tensor
     ) -> dict[str, torch.Tensor]:
         projected = self.projector(student.embedding)
-        return {"nd": nd_loss(projected, teacher.embedding, targets, self.class_centers)}
+        warmup = linear_warmup(self.epoch, self.warmup_epochs, self.warmup_epoch_base)
+        return {"nd": warmup * nd_loss(projected, teacher.embedding, targets, self.class_centers)}
