@@ -130,3 +130,12 @@ def test_hooked_taps_train_under_ddp(workdir):
     assert '"status": "completed"' in summary and '"steps": 3' in summary  # 359 images / (2 x 64) per step
     metrics = (run_dir / "csv/metrics.csv").read_text()
     assert "train/reviewkd" in metrics
+
+
+def test_timm_mobilenet_v1_preact_stages_end_before_relu6():
+    model = randomise_batchnorm(create_model("mobilenetv1_100", 10))
+    out = extract_features(model, IMAGES, frozenset({"preact_stages", "stages"}))
+    assert [t.shape[1] for t in out.preact_stages] == [64, 128, 256, 512, 1024]
+    for pre, post in zip(out.preact_stages[1:], out.stages[1:], strict=True):
+        assert (pre < 0).any()  # before the ReLU6
+        torch.testing.assert_close(pre.clamp(0, 6), post)

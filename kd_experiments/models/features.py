@@ -101,35 +101,55 @@ def _preact_intermediates(model: nn.Module, images: torch.Tensor):
     """(final map, pre-activation stage list, post-activation stage list)."""
     if hasattr(model, "forward_intermediates_preact"):  # the project's zoo
         return model.forward_intermediates_preact(images)
-    activations = _timm_resnet_stage_activations(model)
+    activations = _timm_stage_final_activations(model)
     captured: list[torch.Tensor] = []
 
     def keep_input(module, inputs):
-        # clone: timm's ReLUs are in place and would overwrite the pre-activation sum
+        # clone: timm's ReLUs are in place and would overwrite the pre-activation values
         captured.append(inputs[0].clone())
 
     with _hooks(activations, keep_input):
         final_map, post_stages = model.forward_intermediates(images)
-    # The stem (position 0) stays post-activation, as in the zoo.
+    if len(captured) != len(post_stages) - 1:
+        raise UserError(
+            f"pre-activation taps of {type(model).__name__} fired {len(captured)} times for "
+            f"{len(post_stages) - 1} stages; use the method's post-activation option"
+        )
+    # Position 0 (the stem, or the first stage for timm MobileNets) stays post-activation, as in the zoo.
     return final_map, [post_stages[0], *captured], post_stages
 
 
-def _timm_resnet_stage_activations(model: nn.Module) -> list[nn.Module]:
-    """Each stage's last block's final activation (act2 of BasicBlock, act3 of Bottleneck)."""
-    stage_names = [f"layer{i}" for i in range(1, 5)]
-    if not all(isinstance(getattr(model, name, None), nn.Sequential) for name in stage_names):
-        raise UserError(
-            f"pre-activation stage features are available for the CIFAR zoo and timm ResNets, not for "
-            f"{type(model).__name__}; use the method's post-activation option (e.g. teacher_preact=false)"
-        )
+def _timm_stage_final_activations(model: nn.Module) -> list[nn.Module]:
+    """The activation that ends each feature stage (after position 0) of a timm ResNet (the last block's
+    act2 / act3) or a timm MobileNet-V1-style network (the last depthwise-separable block's bn2.act)."""
+    from timm.models._efficientnet_blocks import DepthwiseSeparableConv
+    from timm.models.resnet import ResNet
+
+    unsupported = UserError(
+        f"pre-activation stage features are available for the CIFAR zoo, timm ResNets and timm "
+        f"MobileNet-V1-style networks, not for {type(model).__name__}; use the method's post-activation "
+        "option (e.g. teacher_preact=false)"
+    )
+    info = getattr(model, "feature_info", None)
+    if info is None:
+        raise unsupported
+    names = [entry["module"] for entry in info]
     activations = []
-    for name in stage_names:
-        last_block = getattr(model, name)[-1]
-        final_act = getattr(last_block, "act3", None) or getattr(last_block, "act2", None)
+    for name in names[1:]:
+        stage = model.get_submodule(name)
+        block = stage[-1] if isinstance(stage, nn.Sequential) else stage
+        if isinstance(model, ResNet):
+            final_act = getattr(block, "act3", None) or getattr(block, "act2", None)
+        elif (
+            isinstance(block, DepthwiseSeparableConv)
+            and not block.has_skip  # with a skip the activation would not end the block
+            and not isinstance(block.bn2.act, nn.Identity)
+        ):
+            final_act = block.bn2.act
+        else:
+            raise unsupported
         if final_act is None:
-            raise UserError(
-                f"cannot find the final activation of {name}'s last block in {type(model).__name__}"
-            )
+            raise unsupported
         activations.append(final_act)
     return activations
 
