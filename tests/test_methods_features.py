@@ -37,6 +37,7 @@ METHODS = {
     "srd-correlation": lambda: SimpleRecipeDistillation(distance="correlation"),
     "vkd": lambda: OrthogonalProjection(),
     "vkd-linear-raw": lambda: OrthogonalProjection(projector="linear", normalize_teacher=False),
+    "vkd-mlp": lambda: OrthogonalProjection(projector="mlp"),
     "fitnet": lambda: FitNet(),
     "fitnet-embedding": lambda: FitNet(target="embedding"),
 }

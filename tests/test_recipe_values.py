@@ -255,7 +255,7 @@ SWEEPS = {
         "method.objective.distance": ["logsum", "correlation"],
     },
     "ablation_vkd_projector": {
-        "method.objective.projector": ["orthogonal", "linear"],
+        "method.objective.projector": ["orthogonal", "linear", "mlp"],
         "method.objective.normalize_teacher": ["true", "false"],
     },
 }
