@@ -64,3 +64,21 @@ def workdir(project_dir, tmp_path) -> Path:
     (tmp_path / "outputs").mkdir()
     (tmp_path / "outputs/teachers").symlink_to(project_dir / "outputs/teachers")
     return tmp_path
+
+
+@pytest.fixture(scope="session")
+def reference_shapes() -> dict:
+    """mdistiller's CIFAR-100 state-dict shapes (shared/reference), or skip where the file is absent."""
+    from tests.zoo_helpers import load_reference_shapes
+
+    shapes = load_reference_shapes()
+    if shapes is None:
+        pytest.skip("cifar_zoo_state_dicts.json not found (set KD_CIFAR_ZOO_REFERENCE)")
+    return shapes
+
+
+@pytest.fixture(scope="session")
+def sample_batch():
+    import torch
+
+    return torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))

@@ -1,10 +1,5 @@
 """CIFAR ResNet zoo: checkpoint-compatible names/shapes, parameter counts, and the timm-like feature API."""
 
-import hashlib
-import json
-import os
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -12,6 +7,7 @@ from torch import nn
 
 import kd_experiments.models.cifar_resnet  # noqa: F401  (registers the models)
 from kd_experiments.models.registry import ZOO
+from tests.zoo_helpers import build, count_parameters, shapes_digest, state_dict_shapes
 
 MODEL_NAMES = [
     "resnet8",
@@ -40,45 +36,9 @@ REFERENCE_DIGESTS = {
     "resnet32x4": "5dc9a77aa1aa364a",
 }
 
-REFERENCE_JSON_CANDIDATES = [
-    os.environ.get("KD_CIFAR_ZOO_REFERENCE", ""),
-    # CI and developers have the shared folder beside the repository.
-    str(Path(__file__).resolve().parents[2] / "shared/reference/cifar_zoo_state_dicts.json"),
-]
-
-
-def build(name: str, num_classes: int = 100, **kwargs) -> nn.Module:
-    return ZOO[name](num_classes=num_classes, **kwargs).eval()
-
-
-def state_dict_shapes(model: nn.Module) -> dict[str, list[int]]:
-    return {key: list(value.shape) for key, value in model.state_dict().items()}
-
-
-def shapes_digest(shapes: dict[str, list[int]]) -> str:
-    text = ";".join(f"{key}:{'x'.join(map(str, shape))}" for key, shape in sorted(shapes.items()))
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def count_parameters(model: nn.Module) -> int:
-    return sum(parameter.numel() for parameter in model.parameters())
-
 
 def expected_widths(name: str) -> list[int]:
     return [32, 64, 128, 256] if name in WIDE_MODELS else [16, 16, 32, 64]
-
-
-@pytest.fixture(scope="module")
-def reference_shapes() -> dict[str, dict[str, list[int]]]:
-    for candidate in REFERENCE_JSON_CANDIDATES:
-        if candidate and Path(candidate).is_file():
-            return json.loads(Path(candidate).read_text())
-    pytest.skip("cifar_zoo_state_dicts.json not found (set KD_CIFAR_ZOO_REFERENCE)")
-
-
-@pytest.fixture(scope="module")
-def sample_batch() -> torch.Tensor:
-    return torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
 
 
 def test_all_models_registered():

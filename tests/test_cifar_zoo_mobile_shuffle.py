@@ -1,8 +1,6 @@
 """CIFAR zoo ResNet18/ResNet50 (resnetv2), MobileNetV2 (mobile_half) and ShuffleV1/V2: checkpoint-compatible
 names/shapes, parameter counts, stage shapes, and the feature API (stages, pre-activation stages)."""
 
-import hashlib
-import json
 import os
 from pathlib import Path
 
@@ -17,6 +15,7 @@ import kd_experiments.models.shufflenet  # noqa: F401
 from kd_experiments.models.features import extract_features
 from kd_experiments.models.registry import ZOO
 from kd_experiments.models.shufflenet import channel_shuffle
+from tests.zoo_helpers import build, count_parameters, shapes_digest, state_dict_shapes
 
 MODEL_NAMES = ["ResNet18", "ResNet50", "MobileNetV2", "ShuffleV1", "ShuffleV2"]
 ALL_KINDS = frozenset({"stages", "logits", "embedding", "preact_stages"})
@@ -60,23 +59,6 @@ FINAL_MAP_SHAPES = {"MobileNetV2": (1280, 2, 2), "ShuffleV2": (1024, 4, 4)}
 RELU_OF_PREACT_IS_POST = {"ResNet18", "ResNet50", "ShuffleV1"}
 
 
-def build(name: str, num_classes: int = 100, **kwargs) -> nn.Module:
-    return ZOO[name](num_classes=num_classes, **kwargs).eval()
-
-
-def state_dict_shapes(model: nn.Module) -> dict[str, list[int]]:
-    return {key: list(value.shape) for key, value in model.state_dict().items()}
-
-
-def shapes_digest(shapes: dict[str, list[int]]) -> str:
-    text = ";".join(f"{key}:{'x'.join(map(str, shape))}" for key, shape in sorted(shapes.items()))
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def count_parameters(model: nn.Module) -> int:
-    return sum(parameter.numel() for parameter in model.parameters())
-
-
 def randomise_batchnorm(model: nn.Module) -> nn.Module:
     """Random BN affine parameters so that pre-activation maps really take negative values."""
     generator = torch.Generator().manual_seed(1)
@@ -85,19 +67,6 @@ def randomise_batchnorm(model: nn.Module) -> nn.Module:
             module.weight.data = torch.randn(module.weight.shape, generator=generator)
             module.bias.data = torch.randn(module.bias.shape, generator=generator)
     return model.eval()
-
-
-@pytest.fixture(scope="module")
-def reference_shapes() -> dict[str, dict[str, list[int]]]:
-    for candidate in REFERENCE_JSON_CANDIDATES:
-        if candidate and Path(candidate).is_file():
-            return json.loads(Path(candidate).read_text())
-    pytest.skip("cifar_zoo_state_dicts.json not found (set KD_CIFAR_ZOO_REFERENCE)")
-
-
-@pytest.fixture(scope="module")
-def sample_batch() -> torch.Tensor:
-    return torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
 
 
 def test_all_models_registered():

@@ -1,10 +1,5 @@
 """CIFAR zoo WRNs and VGGs: checkpoint names/shapes, parameter counts, mdistiller's feature taps."""
 
-import hashlib
-import json
-import os
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -14,6 +9,7 @@ import kd_experiments.models.vgg  # noqa: F401  (registers the models)
 import kd_experiments.models.wrn  # noqa: F401  (registers the models)
 from kd_experiments.models.features import extract_features
 from kd_experiments.models.registry import ZOO
+from tests.zoo_helpers import build, count_parameters, shapes_digest, state_dict_shapes
 
 WRN_NAMES = ["wrn_16_1", "wrn_16_2", "wrn_40_1", "wrn_40_2"]
 VGG_NAMES = ["vgg8", "vgg11", "vgg13", "vgg16", "vgg19"]
@@ -66,32 +62,9 @@ VGG_SHAPES = ([(64, 32, 32), (128, 16, 16), (256, 8, 8), (512, 4, 4), (512, 4, 4
 
 ALL_KINDS = frozenset({"stages", "logits", "embedding", "preact_stages"})
 
-REFERENCE_JSON_CANDIDATES = [
-    os.environ.get("KD_CIFAR_ZOO_REFERENCE", ""),
-    # CI and developers have the shared folder beside the repository.
-    str(Path(__file__).resolve().parents[2] / "shared/reference/cifar_zoo_state_dicts.json"),
-]
-
-
-def build(name: str, num_classes: int = 100, **kwargs) -> nn.Module:
-    return ZOO[name](num_classes=num_classes, **kwargs).eval()
-
 
 def expected_shapes(name: str) -> tuple[list[tuple[int, int, int]], int]:
     return WRN_SHAPES[int(name[-1])] if name.startswith("wrn") else VGG_SHAPES
-
-
-def state_dict_shapes(model: nn.Module) -> dict[str, list[int]]:
-    return {key: list(value.shape) for key, value in model.state_dict().items()}
-
-
-def shapes_digest(shapes: dict[str, list[int]]) -> str:
-    text = ";".join(f"{key}:{'x'.join(map(str, shape))}" for key, shape in sorted(shapes.items()))
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def count_parameters(model: nn.Module) -> int:
-    return sum(parameter.numel() for parameter in model.parameters())
 
 
 def randomise_batchnorm(model: nn.Module) -> nn.Module:
@@ -105,19 +78,6 @@ def randomise_batchnorm(model: nn.Module) -> nn.Module:
             module.running_mean = 0.1 * torch.randn(module.running_mean.shape, generator=generator)
             module.running_var = 0.5 + torch.rand(module.running_var.shape, generator=generator)
     return model.eval()
-
-
-@pytest.fixture(scope="module")
-def reference_shapes() -> dict[str, dict[str, list[int]]]:
-    for candidate in REFERENCE_JSON_CANDIDATES:
-        if candidate and Path(candidate).is_file():
-            return json.loads(Path(candidate).read_text())
-    pytest.skip("cifar_zoo_state_dicts.json not found (set KD_CIFAR_ZOO_REFERENCE)")
-
-
-@pytest.fixture(scope="module")
-def sample_batch() -> torch.Tensor:
-    return torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
 
 
 def test_all_models_registered():

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kd_experiments.models.positions import positions_to_take
 from kd_experiments.models.registry import register_model
 
 NARROW_WIDTHS = (16, 16, 32, 64)
@@ -128,7 +129,7 @@ class CifarResNet(nn.Module):
         entry is always post-ReLU. Returns `(final_map, intermediates)`, or only the list when
         `intermediates_only` (then computation stops after the last requested position).
         """
-        take = self._positions_to_take(indices)
+        take = positions_to_take(indices, 1 + len(self.stages))
         intermediates: list[torch.Tensor] = []
 
         x = self.forward_stem(x)
@@ -157,23 +158,6 @@ class CifarResNet(nn.Module):
         `preact_stages` kind. The stem entry is post-ReLU in both lists."""
         final_map, preact = self.forward_intermediates(x, preact=True)
         return final_map, preact, [preact[0], *(F.relu(stage) for stage in preact[1:])]
-
-    def _positions_to_take(self, indices: int | Sequence[int] | None) -> set[int]:
-        num_positions = 1 + len(self.stages)
-        if indices is None:
-            return set(range(num_positions))
-        if isinstance(indices, int):
-            if not 0 < indices <= num_positions:
-                raise ValueError(f"indices={indices} must be between 1 and {num_positions}")
-            return set(range(num_positions - indices, num_positions))
-        take = set()
-        for index in indices:
-            if not -num_positions <= index < num_positions:
-                raise ValueError(f"index {index} is out of range for {num_positions} feature positions")
-            take.add(index % num_positions)
-        if not take:
-            raise ValueError("indices must name at least one feature position")
-        return take
 
 
 def _build(

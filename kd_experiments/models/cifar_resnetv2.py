@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kd_experiments.models.positions import positions_to_take
 from kd_experiments.models.registry import register_model
 
 STAGE_PLANES = (64, 128, 256, 512)
@@ -81,7 +82,7 @@ class CifarStagedNet(nn.Module):
         `final_map` is what `forward_features` returns, or only the list when `intermediates_only` (then
         computation stops after the last requested position).
         """
-        take = self._positions_to_take(indices)
+        take = positions_to_take(indices, 1 + len(self.stages))
         final_map, post, pre = self._run(x, take, preact=preact, stop_early=intermediates_only)
         intermediates = pre if preact else post
         if intermediates_only:
@@ -119,23 +120,6 @@ class CifarStagedNet(nn.Module):
         if stop_early:
             return None, post, pre
         return self.forward_neck(x), post, pre
-
-    def _positions_to_take(self, indices: int | Sequence[int] | None) -> set[int]:
-        num_positions = 1 + len(self.stages)
-        if indices is None:
-            return set(range(num_positions))
-        if isinstance(indices, int):
-            if not 0 < indices <= num_positions:
-                raise ValueError(f"indices={indices} must be between 1 and {num_positions}")
-            return set(range(num_positions - indices, num_positions))
-        take = set()
-        for index in indices:
-            if not -num_positions <= index < num_positions:
-                raise ValueError(f"index {index} is out of range for {num_positions} feature positions")
-            take.add(index % num_positions)
-        if not take:
-            raise ValueError("indices must name at least one feature position")
-        return take
 
 
 def _projection_shortcut(in_channels: int, out_channels: int, stride: int) -> nn.Sequential:

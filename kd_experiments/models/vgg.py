@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kd_experiments.models.positions import positions_to_take
 from kd_experiments.models.registry import register_model
 
 # Output widths of the conv layers in each of the five blocks.
@@ -139,7 +140,7 @@ class CifarVGG(nn.Module):
         after the last requested position).
         """
         num_positions = len(self.blocks)
-        take = _positions_to_take(indices, num_positions)
+        take = positions_to_take(indices, num_positions)
         feats, preacts = self._run(x, max(take) + 1 if intermediates_only else num_positions)
         chosen = preacts if preact else feats
         intermediates = [chosen[position] for position in sorted(take)]
@@ -152,23 +153,6 @@ class CifarVGG(nn.Module):
         `preact_stages` kind, mdistiller's `preact_feats` and `feats`. The stem entry is post-ReLU in both."""
         feats, preacts = self._run(x, len(self.blocks))
         return feats[-1], preacts, feats
-
-
-def _positions_to_take(indices: int | Sequence[int] | None, num_positions: int) -> set[int]:
-    if indices is None:
-        return set(range(num_positions))
-    if isinstance(indices, int):
-        if not 0 < indices <= num_positions:
-            raise ValueError(f"indices={indices} must be between 1 and {num_positions}")
-        return set(range(num_positions - indices, num_positions))
-    take = set()
-    for index in indices:
-        if not -num_positions <= index < num_positions:
-            raise ValueError(f"index {index} is out of range for {num_positions} feature positions")
-        take.add(index % num_positions)
-    if not take:
-        raise ValueError("indices must name at least one feature position")
-    return take
 
 
 def _build(name: str, num_classes: int, in_chans: int, extra_kwargs: dict) -> CifarVGG:

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kd_experiments.models.positions import positions_to_take
 from kd_experiments.models.registry import register_model
 
 
@@ -167,7 +168,7 @@ class WideResNet(nn.Module):
         next, before its ReLU); the stem entry is the same in both. Returns `(final_map, intermediates)`, or
         only the list when `intermediates_only` (then computation stops after the last requested stage).
         """
-        take = _positions_to_take(indices, 1 + len(self.stages))
+        take = positions_to_take(indices, 1 + len(self.stages))
         num_stages = max(take) if intermediates_only else len(self.stages)
         feats, preacts = self._run(x, num_stages)
         chosen = preacts if preact else feats
@@ -184,23 +185,6 @@ class WideResNet(nn.Module):
         """
         feats, preacts = self._run(x, len(self.stages))
         return F.relu(preacts[-1]), preacts, feats
-
-
-def _positions_to_take(indices: int | Sequence[int] | None, num_positions: int) -> set[int]:
-    if indices is None:
-        return set(range(num_positions))
-    if isinstance(indices, int):
-        if not 0 < indices <= num_positions:
-            raise ValueError(f"indices={indices} must be between 1 and {num_positions}")
-        return set(range(num_positions - indices, num_positions))
-    take = set()
-    for index in indices:
-        if not -num_positions <= index < num_positions:
-            raise ValueError(f"index {index} is out of range for {num_positions} feature positions")
-        take.add(index % num_positions)
-    if not take:
-        raise ValueError("indices must name at least one feature position")
-    return take
 
 
 def _build(
