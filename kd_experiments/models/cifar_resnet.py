@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kd_experiments.models.positions import positions_to_take
+from kd_experiments.models.positions import GlobalPoolHead, positions_to_take
 from kd_experiments.models.registry import register_model
 
 NARROW_WIDTHS = (16, 16, 32, 64)
@@ -46,7 +46,7 @@ class BasicBlock(nn.Module):
         return F.relu(self.residual_sum(x), inplace=True)
 
 
-class CifarResNet(nn.Module):
+class CifarResNet(GlobalPoolHead, nn.Module):
     """3x3 stem, three stages of BasicBlocks (strides 1, 2, 2), global average pool, linear classifier."""
 
     def __init__(
@@ -103,17 +103,6 @@ class CifarResNet(nn.Module):
         x = self.layer1(x)
         x = self.layer2(x)
         return self.layer3(x)
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """Global average pool + flatten, then fc; `pre_logits` returns the pooled embedding instead."""
-        embedding = torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
-        return embedding if pre_logits else self.fc(embedding)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
-
-    def get_classifier(self) -> nn.Module:
-        return self.fc
 
     def forward_intermediates(
         self,

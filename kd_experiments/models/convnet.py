@@ -7,6 +7,7 @@ pooling, one linear classifier), so every feature-based method runs on the defau
 import torch
 from torch import nn
 
+from kd_experiments.models.positions import GlobalPoolHead
 from kd_experiments.models.registry import register_model
 
 
@@ -18,7 +19,7 @@ def _conv_bn_relu(in_channels: int, out_channels: int, stride: int) -> nn.Sequen
     )
 
 
-class ConvNet(nn.Module):
+class ConvNet(GlobalPoolHead, nn.Module):
     """stem -> stage1 (stride 1) -> stage2 (stride 2) -> stage3 (stride 2) -> avg pool -> fc."""
 
     def __init__(self, widths: tuple[int, int, int, int], num_classes: int, in_chans: int = 3):
@@ -30,7 +31,6 @@ class ConvNet(nn.Module):
         self.stages = nn.ModuleList(
             _conv_bn_relu(widths[i], widths[i + 1], stride=1 if i == 0 else 2) for i in range(3)
         )
-        self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(self.num_features, num_classes)
 
     def forward_intermediates(
@@ -61,16 +61,6 @@ class ConvNet(nn.Module):
         for stage in self.stages:
             x = stage(x)
         return x
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = self.pool(x).flatten(1)
-        return x if pre_logits else self.fc(x)
-
-    def get_classifier(self) -> nn.Module:
-        return self.fc
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
 
 
 @register_model("convnet_wide")

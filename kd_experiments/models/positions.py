@@ -1,6 +1,11 @@
-"""Which feature positions a zoo model's `forward_intermediates(indices=...)` returns (timm's convention)."""
+"""What the zoo models share: which feature positions `forward_intermediates(indices=...)` returns
+(timm's convention), and the global-pool + linear head."""
 
 from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
 
 
 def positions_to_take(indices: int | Sequence[int] | None, num_positions: int) -> set[int]:
@@ -19,3 +24,22 @@ def positions_to_take(indices: int | Sequence[int] | None, num_positions: int) -
     if not take:
         raise ValueError("indices must name at least one feature position")
     return take
+
+
+class GlobalPoolHead:
+    """The head every CNN of the zoo shares: global average pool + flatten, then the linear classifier
+    named `classifier_attribute`; `forward` = head(features). mdistiller's fixed-window pools (e.g.
+    avg_pool2d(x, 8)) are the same as a global pool at 32x32."""
+
+    classifier_attribute = "fc"
+
+    def get_classifier(self) -> nn.Module:
+        return getattr(self, self.classifier_attribute)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """`pre_logits` returns the pooled embedding instead of the logits."""
+        embedding = torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
+        return embedding if pre_logits else self.get_classifier()(embedding)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kd_experiments.models.positions import positions_to_take
+from kd_experiments.models.positions import GlobalPoolHead, positions_to_take
 from kd_experiments.models.registry import register_model
 
 # Output widths of the conv layers in each of the five blocks.
@@ -45,8 +45,10 @@ def make_block(in_channels: int, widths: Sequence[int]) -> nn.Sequential:
     return nn.Sequential(*layers[:-1])
 
 
-class CifarVGG(nn.Module):
+class CifarVGG(GlobalPoolHead, nn.Module):
     """VGG-BN for 32x32 (or 64x64) inputs: five blocks, three (four at 64 px) max-pools, global pool, fc."""
+
+    classifier_attribute = "classifier"
 
     def __init__(self, config: Sequence[Sequence[int]], num_classes: int = 100, in_chans: int = 3) -> None:
         super().__init__()
@@ -113,17 +115,6 @@ class CifarVGG(nn.Module):
         """Final feature map: ReLU(block4 output), B x 512 x 4 x 4 for 32x32 inputs."""
         feats, _ = self._run(x, len(self.blocks))
         return feats[-1]
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """Global average pool + flatten, then the classifier; `pre_logits` returns the pooled embedding."""
-        embedding = torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
-        return embedding if pre_logits else self.classifier(embedding)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
-
-    def get_classifier(self) -> nn.Module:
-        return self.classifier
 
     def forward_intermediates(
         self,

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kd_experiments.models.positions import positions_to_take
+from kd_experiments.models.positions import GlobalPoolHead, positions_to_take
 from kd_experiments.models.registry import register_model
 
 
@@ -75,7 +75,7 @@ class WideStage(nn.Module):
         return x
 
 
-class WideResNet(nn.Module):
+class WideResNet(GlobalPoolHead, nn.Module):
     """WRN-depth-widen for 32x32 inputs: stem conv, three pre-activation stages, final BN-ReLU, pool, fc."""
 
     def __init__(self, depth: int, widen_factor: int, num_classes: int = 100, in_chans: int = 3) -> None:
@@ -140,19 +140,6 @@ class WideResNet(nn.Module):
         """Final feature map: ReLU(bn1(block3 output)), B x num_features x H/4 x W/4."""
         _, preacts = self._run(x, len(self.stages))
         return F.relu(preacts[-1])
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """Global average pool + flatten, then fc; `pre_logits` returns the pooled embedding instead.
-
-        mdistiller pools with `avg_pool2d(x, 8)`, the same as a global pool for 32x32 inputs."""
-        embedding = torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
-        return embedding if pre_logits else self.fc(embedding)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
-
-    def get_classifier(self) -> nn.Module:
-        return self.fc
 
     def forward_intermediates(
         self,
