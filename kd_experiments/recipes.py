@@ -10,20 +10,23 @@ from omegaconf import OmegaConf
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
 
-def recipe_rows(conf_dir: Path = CONF_DIR) -> list[tuple[str, float, str]]:
-    """(recipe name, the paper's top-1, its source) for every recipe with a `paper` block."""
+def recipe_rows(conf_dir: Path = CONF_DIR) -> list[tuple[str, float | None, str]]:
+    """(recipe name, the paper's top-1, its source) for every recipe with a `paper` block. The top-1 is None
+    for a row the paper shows only in a figure (`paper.top1: null`, e.g. ND's larger-teacher study)."""
     rows = []
     for path in sorted((conf_dir / "experiment").glob("*.yaml")):
         paper = OmegaConf.load(path).get("paper")
-        if paper is not None and paper.get("top1") is not None:
-            rows.append((path.stem, float(paper.top1), str(paper.get("source", ""))))
+        if paper is not None:
+            top1 = paper.get("top1")
+            rows.append((path.stem, None if top1 is None else float(top1), str(paper.get("source", ""))))
     return rows
 
 
 def markdown_table(conf_dir: Path = CONF_DIR) -> str:
     lines = ["| recipe | paper top-1 | command |", "|---|---|---|"]
     for name, top1, _ in recipe_rows(conf_dir):
-        lines.append(f"| `{name}` | {top1:.2f} | `python -m kd_experiments experiment={name}` |")
+        number = "figure only" if top1 is None else f"{top1:.2f}"
+        lines.append(f"| `{name}` | {number} | `python -m kd_experiments experiment={name}` |")
     return "\n".join(lines)
 
 

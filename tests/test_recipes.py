@@ -75,7 +75,9 @@ def test_recipe_trains_two_steps_on_a_stand_in(name, stand_in_data, tmp_path):
     cfg = compose_config(*recipe_overrides(name, stand_in_data, tmp_path))
     paper_recipe = cfg.dataset.name != "digits"  # digits_kd is the embedded example, not a paper row
     if paper_recipe:
-        assert cfg.get("paper") and cfg.paper.get("top1") is not None, "every recipe names its paper number"
+        assert cfg.get("paper") and "top1" in cfg.paper, "every recipe names its paper number"
+        if cfg.paper.top1 is None:  # a row the paper shows only in a figure (ND's larger-teacher study)
+            assert "figure only" in cfg.paper.source
     train(cfg)
     summary = json.loads((tmp_path / "run/summary.json").read_text())
     assert summary["status"] == "completed" and summary["steps"] == 2

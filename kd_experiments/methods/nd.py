@@ -5,7 +5,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from kd_experiments.losses import nd_loss
-from kd_experiments.methods.base import DistillationMethod, linear_warmup
+from kd_experiments.methods.base import EMBEDDING_TAPS, DistillationMethod, check_tap, linear_warmup
 from kd_experiments.models.features import NetworkOutput, extract_features
 
 
@@ -33,6 +33,11 @@ class NormDirection(DistillationMethod):
 
     Teacher statistics: the per-class mean of the teacher's embedding over the training split (training
     augmentation, eval mode, one pass), computed once and cached by the framework.
+
+    `student_embedding` names the student feature ND reads (`base.EMBEDDING_TAPS`): `embedding` (default)
+    is the pooled vector the classifier reads; for timm's two-headed DeiT that is the mean of the class and
+    distillation tokens after the final norm, ND's DeiT++ embedding. A ViT student may instead use
+    `class_token` or `patch_mean`.
     """
 
     loss_terms = ("nd",)
@@ -40,8 +45,16 @@ class NormDirection(DistillationMethod):
     teacher_features = frozenset({"embedding"})
     statistics_name = "class_centers"
 
-    def __init__(self, warmup_epochs: int = 0, warmup_epoch_base: int = 0, projector_init: str = "cifar"):
+    def __init__(
+        self,
+        warmup_epochs: int = 0,
+        warmup_epoch_base: int = 0,
+        projector_init: str = "cifar",
+        student_embedding: str = "embedding",
+    ):
         super().__init__()
+        self.student_embedding = check_tap(student_embedding, EMBEDDING_TAPS, "student_embedding")
+        self.student_features = frozenset({student_embedding})
         # ND is not warmed up in the CIFAR scripts; the ImageNet DKD++ script warms it with DKD (5 epochs).
         self.warmup_epochs, self.warmup_epoch_base = warmup_epochs, warmup_epoch_base
         self.projector_init = projector_init
@@ -49,7 +62,8 @@ class NormDirection(DistillationMethod):
         self.register_buffer("class_centers", torch.empty(0), persistent=False)
 
     def setup(self, student_probe: NetworkOutput, teacher_probe: NetworkOutput | None) -> None:
-        student_dim, teacher_dim = student_probe.embedding.shape[1], teacher_probe.embedding.shape[1]
+        student_dim = getattr(student_probe, self.student_embedding).shape[1]
+        teacher_dim = teacher_probe.embedding.shape[1]
         if student_dim != teacher_dim:
             self.projector = EmbeddingProjector(student_dim, teacher_dim, self.projector_init)
 
@@ -77,6 +91,6 @@ class NormDirection(DistillationMethod):
     def forward(
         self, student: NetworkOutput, teacher: NetworkOutput | None, targets: torch.Tensor
     ) -> dict[str, torch.Tensor]:
-        projected = self.projector(student.embedding)
+        projected = self.projector(getattr(student, self.student_embedding))
         warmup = linear_warmup(self.epoch, self.warmup_epochs, self.warmup_epoch_base)
         return {"nd": warmup * nd_loss(projected, teacher.embedding, targets, self.class_centers)}
