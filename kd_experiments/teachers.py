@@ -1,5 +1,9 @@
 """Where the teacher's weights come from: a checkpoint file, a timm pretrained tag, an explicit random
-init (benchmarks only), or a CE-trained teacher cached under `outputs/teachers/` and reused."""
+init (benchmarks only), or a CE-trained teacher cached under `outputs/teachers/` and reused.
+
+When every rank runs the whole script (srun with one task per GPU, torchrun, multi-node), only global rank
+zero trains the teacher and computes teacher statistics; the other ranks wait for its cache files (up to
+`KD_CACHE_WAIT_S` seconds, default 24 h) and load them, so that all ranks distil from the same teacher."""
 
 import hashlib
 import json
@@ -14,6 +18,7 @@ import pytorch_lightning as pl
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.utilities import rank_zero_only
 from torch import nn
 
 from kd_experiments.data.base import ClassificationData
@@ -25,6 +30,9 @@ log = logging.getLogger(__name__)
 CACHE_FORMAT = 1  # bump when the cached file layout or the training code changes meaning
 # Keys of the data config that do not change what a teacher learns.
 DATA_KEYS_IGNORED_BY_CACHE = {"num_workers", "eval_batch_size", "download", "how_to_get"}
+CACHE_WAIT_ENV = "KD_CACHE_WAIT_S"  # how long a rank > 0 waits for rank zero's cache files
+CACHE_WAIT_DEFAULT_S = 24 * 3600  # rank zero may be training a teacher, which can take hours
+CACHE_POLL_S = 2.0
 
 
 def build_teacher(
@@ -199,7 +207,11 @@ def _cached_or_trained(
 ) -> dict:
     key = teacher_cache_key(teacher_cfg, dataset_cfg)
     weights_path = cache_dir / f"{teacher_cfg.arch}-{datamodule.name}-{key}.pt"
-    meta_path = weights_path.with_suffix(".json")
+    meta_path = weights_path.with_suffix(".json")  # written after the weights: both present = complete
+    # Rank zero trains, the others load its file: ranks training their own copies would repeat the work
+    # and, training not being bit-reproducible across devices, could distil from different teachers.
+    if not _is_rank_zero():
+        wait_for_files([weights_path, meta_path], f"the CE-trained teacher {teacher_cfg.arch}")
     if weights_path.is_file() and meta_path.is_file():
         load_weights(model, read_state_dict(weights_path), teacher_cfg.arch, str(weights_path))
         meta = json.loads(meta_path.read_text())
@@ -277,7 +289,8 @@ def prepare_teacher_statistics(
     """Give every objective that declares `statistics_name` its teacher statistics (ND's class centres,
     LSHFM's hash bias): from the cache when this teacher (sha256), data config and statistic were seen
     before, otherwise computed in one eval-mode pass over the training split and cached. A cache entry of
-    another teacher or data set can never match, since both are in the key."""
+    another teacher or data set can never match, since both are in the key. Only global rank zero
+    computes; other ranks wait for its file (see `wait_for_files`)."""
     from kd_experiments.methods.base import DistillationMethod
 
     for objective in method.modules():
@@ -297,6 +310,8 @@ def prepare_teacher_statistics(
             / "statistics"
             / f"{objective.statistics_name}-{teacher_identity['arch']}-{key}.pt"
         )
+        if not _is_rank_zero():
+            wait_for_files([path], f"teacher statistics {objective.statistics_name}")
         if path.is_file():
             statistics = torch.load(path, map_location="cpu", weights_only=True)
             log.info(f"Teacher statistics {objective.statistics_name}: reusing {path}")
@@ -315,6 +330,42 @@ def prepare_teacher_statistics(
                 f"{time.perf_counter() - started:.2f}s on {device}, cached at {path}"
             )
         objective.set_teacher_statistics(statistics)
+
+
+def _is_rank_zero() -> bool:
+    # Read at call time: Lightning sets rank_zero_only.rank at import from RANK / LOCAL_RANK / SLURM_PROCID /
+    # JSM_NAMESPACE_RANK (0 when none is set), i.e. the global rank is known before trainer.fit.
+    return rank_zero_only.rank == 0
+
+
+def wait_for_files(paths: list[Path], what: str, timeout_s: float | None = None) -> None:
+    """Return once every path is a file: a rank > 0 waiting for rank zero to write `what` into the cache.
+    Returns at once when they are there already. Rank zero writes each file atomically (temp file +
+    os.replace), so a file that exists is complete. Waits up to `timeout_s`, by default the environment
+    variable KD_CACHE_WAIT_S (seconds) or 24 h, then raises UserError."""
+    missing = [path for path in paths if not path.is_file()]
+    if not missing:
+        return
+    if timeout_s is None:
+        setting = os.environ.get(CACHE_WAIT_ENV, str(CACHE_WAIT_DEFAULT_S))
+        try:
+            timeout_s = float(setting)
+        except ValueError:
+            raise UserError(f"{CACHE_WAIT_ENV}={setting!r} is not a number of seconds") from None
+    rank = rank_zero_only.rank
+    log.info(f"Rank {rank}: waiting for rank 0 to write {what} ({', '.join(map(str, missing))})")
+    deadline = time.monotonic() + timeout_s
+    while missing:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            files = ", ".join(map(str, missing))
+            raise UserError(
+                f"rank {rank} waited {timeout_s:g}s for rank 0 to write {what} ({files}); "
+                "paths.teacher_cache_dir must be on a filesystem every node shares, or fill the cache first "
+                f"with a single-process run ({CACHE_WAIT_ENV} sets the wait in seconds)"
+            )
+        time.sleep(min(CACHE_POLL_S, remaining))
+        missing = [path for path in missing if not path.is_file()]
 
 
 def _atomic_torch_save(obj, path: Path) -> None:
