@@ -1,9 +1,15 @@
 """Small Lightning callbacks and the progress bar the framework uses."""
 
 import time
+from pathlib import Path
 
 import pytorch_lightning as pl
+import torch
 from pytorch_lightning.callbacks import RichProgressBar
+from timm.utils import ModelEmaV3
+from torch.optim.swa_utils import AveragedModel
+
+from kd_experiments.errors import UserError
 
 
 def progress_bar() -> pl.Callback:
@@ -48,6 +54,18 @@ class TrainThroughput(pl.Callback):
             pl_module.log("train/images_per_s", self._epoch_images / self._epoch_seconds)
 
 
+def validation_top1(model: torch.nn.Module, trainer: pl.Trainer, device: torch.device) -> float:
+    """Top-1 (%) of `model` in eval mode on the data module's whole validation split."""
+    model.eval()
+    correct = total = 0
+    with torch.no_grad():
+        for images, targets in trainer.datamodule.val_dataloader():
+            logits = model(images.to(device))
+            correct += (logits.argmax(1).cpu() == targets).sum().item()
+            total += len(targets)
+    return 100.0 * correct / max(total, 1)
+
+
 class WeightAveraging(pl.Callback):
     """The mean of the student's weights (and BN buffers) over the last `epochs` training epochs, scored
     on the validation split after training: LSHFM's reported model (methods.md 0, LSH-C `train_student.py`).
@@ -57,8 +75,6 @@ class WeightAveraging(pl.Callback):
     """
 
     def __init__(self, epochs: int, output_dir):
-        from pathlib import Path
-
         self.epochs = epochs
         self.output_path = Path(output_dir) / "checkpoints" / "averaged_student.pt"
         self.averaged = None
@@ -68,26 +84,61 @@ class WeightAveraging(pl.Callback):
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         if trainer.current_epoch < trainer.max_epochs - self.epochs:
             return
-        from torch.optim.swa_utils import AveragedModel
-
         if self.averaged is None:  # a copy; the first update_parameters() below sets it to these weights
             self.averaged = AveragedModel(pl_module.student, use_buffers=True)
         self.averaged.update_parameters(pl_module.student)
         self.averaged_epochs += 1
 
     def on_train_end(self, trainer, pl_module) -> None:
-        import torch
-
         if self.averaged is None:
             return
-        model = self.averaged.module.eval()
-        correct = total = 0
-        with torch.no_grad():
-            for images, targets in trainer.datamodule.val_dataloader():
-                logits = model(images.to(pl_module.device))
-                correct += (logits.argmax(1).cpu() == targets).sum().item()
-                total += len(targets)
-        self.top1 = 100.0 * correct / max(total, 1)
+        model = self.averaged.module
+        self.top1 = validation_top1(model, trainer, pl_module.device)
         if trainer.is_global_zero:
             self.output_path.parent.mkdir(parents=True, exist_ok=True)
             torch.save(model.state_dict(), self.output_path)
+
+
+class StudentEMA(pl.Callback):
+    """An exponential moving average of the student's weights, updated after every optimizer step with
+    `decay` (timm's `ModelEmaV3`, buffers averaged too): DeiT's `--model-ema` (decay 0.99996, methods.md i).
+    As in DeiT, the EMA is kept beside the trained student, not in its place: validation and the
+    `last`/`best` numbers score the student itself; after training the EMA is scored once on the
+    validation split (`top1`, reported as `student_top1_ema`, or as the result with `report: ema`) and
+    saved as `checkpoints/ema_student.pt`. Its weights travel in every Lightning checkpoint, so a resumed
+    run continues the same average.
+    """
+
+    def __init__(self, decay: float, output_dir):
+        if not 0.0 < decay < 1.0:
+            raise UserError(f"ema_decay must lie in (0, 1), e.g. 0.99996 (DeiT); got {decay}")
+        self.decay = decay
+        self.output_path = Path(output_dir) / "checkpoints" / "ema_student.pt"
+        self.ema: ModelEmaV3 | None = None
+        self.top1: float | None = None
+        self._restored: dict | None = None
+        self._updated_at_step = -1
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        self.ema = ModelEmaV3(pl_module.student, decay=self.decay)
+        if self._restored is not None:
+            self.ema.module.load_state_dict(self._restored)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step != self._updated_at_step:  # once per optimizer step (gradient accumulation)
+            self._updated_at_step = trainer.global_step
+            self.ema.update(pl_module.student, step=trainer.global_step)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self.top1 = validation_top1(self.ema.module, trainer, pl_module.device)
+        if trainer.is_global_zero:
+            self.output_path.parent.mkdir(parents=True, exist_ok=True)
+            torch.save(self.ema.module.state_dict(), self.output_path)
+
+    def state_dict(self) -> dict:
+        return {"ema_student": self.ema.module.state_dict()} if self.ema is not None else {}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self._restored = state_dict.get("ema_student")
+        if self._restored is not None and self.ema is not None:
+            self.ema.module.load_state_dict(self._restored)

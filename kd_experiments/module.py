@@ -2,6 +2,7 @@
 name: it asks the method which features it needs, runs the networks, and sums the named loss terms with
 their configured weights."""
 
+import math
 from collections.abc import Callable, Mapping
 
 import pytorch_lightning as pl
@@ -18,6 +19,8 @@ from kd_experiments.models.features import extract_features
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
 SchedulerFactory = Callable[[torch.optim.Optimizer], object]
+# Arguments of timm's schedulers counted in epochs, rescaled to updates for per-iteration stepping.
+TIMM_EPOCH_KEYS = ("t_initial", "warmup_t", "decay_t", "patience_t", "cooldown_t")
 
 
 class DistillationModule(pl.LightningModule):
@@ -40,6 +43,7 @@ class DistillationModule(pl.LightningModule):
         scheduler_interval: str = "epoch",
         teacher: nn.Module | None = None,
         teacher_identity: Mapping | None = None,
+        teacher_input: nn.Module | None = None,
     ):
         super().__init__()
         if set(loss_weights) != set(method.loss_terms):
@@ -56,6 +60,8 @@ class DistillationModule(pl.LightningModule):
         self.scheduler_factory = scheduler
         self.scheduler_interval = scheduler_interval
         self._frozen_teacher = () if teacher is None else (teacher.eval().requires_grad_(False),)
+        # The teacher's own input normalisation, when it differs from the data's (data.base.Renormalize).
+        self.teacher_input = teacher_input or nn.Identity()
         self.teacher_identity = dict(teacher_identity or {})
 
         self.train_means = nn.ModuleDict({name: MeanMetric() for name in (*method.loss_terms, "loss")})
@@ -86,7 +92,8 @@ class DistillationModule(pl.LightningModule):
             # no_grad, not inference_mode: a loss may save teacher tensors for its backward. The teacher
             # runs first, so its activations are freed before the student's autograd graph holds memory.
             with torch.no_grad():
-                teacher_out = extract_features(self.teacher, images, self.method.teacher_features)
+                teacher_images = self.teacher_input(images)
+                teacher_out = extract_features(self.teacher, teacher_images, self.method.teacher_features)
         student_out = extract_features(self.student, images, self.method.student_features)
         terms = self.method(student_out, teacher_out, targets)
         loss = sum(self.loss_weights[name] * value for name, value in terms.items())
@@ -116,7 +123,7 @@ class DistillationModule(pl.LightningModule):
         self.val_top1.update(logits, targets)
         self.val_top5.update(logits, targets)
         if self._measuring_teacher:
-            self.teacher_val_top1.update(self.teacher(images), targets)
+            self.teacher_val_top1.update(self.teacher(self.teacher_input(images)), targets)
 
     def on_validation_epoch_end(self) -> None:
         top1 = self.val_top1.compute().item() * 100
@@ -148,11 +155,39 @@ class DistillationModule(pl.LightningModule):
             optimizer = self.optimizer_factory([p for p in self.parameters() if p.requires_grad])
         if self.scheduler_factory is None:
             return optimizer
-        scheduler = self.scheduler_factory(optimizer)
+        scheduler = self._build_scheduler(optimizer)
         return {
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": scheduler, "interval": self.scheduler_interval},
         }
+
+    def _build_scheduler(self, optimizer: torch.optim.Optimizer):
+        """The configured scheduler. A timm schedule is written in epochs (`t_initial`, `warmup_t`, ...);
+        with `interval: step` it is converted to optimizer updates and stepped after every update, as the
+        per-iteration cosine schedules of the Swin / SRD / VkD code do (timm's `create_scheduler_v2`
+        converts the same way for `step_on_epochs=False`)."""
+        factory = self.scheduler_factory
+        target = getattr(factory, "func", factory)
+        if self.scheduler_interval != "step" or not (
+            isinstance(target, type) and issubclass(target, TimmScheduler)
+        ):
+            return factory(optimizer)
+        updates = self.updates_per_epoch()
+        in_updates = {}
+        for key, epochs in factory.keywords.items():
+            if key in TIMM_EPOCH_KEYS and epochs is not None:
+                scaled = [round(e * updates) for e in epochs] if isinstance(epochs, list) else None
+                in_updates[key] = scaled if scaled is not None else round(epochs * updates)
+        return factory(optimizer, **in_updates, t_in_epochs=False)
+
+    def updates_per_epoch(self) -> int:
+        """Optimizer updates in one training epoch on this rank (after limit_train_batches, DDP sharding
+        and gradient accumulation)."""
+        self.trainer.estimated_stepping_batches  # noqa: B018 - sets up the train loader and its length
+        batches = self.trainer.num_training_batches
+        if batches == float("inf"):
+            raise UserError("interval: step needs a train loader with a length (not an iterable data set)")
+        return max(1, math.ceil(batches / self.trainer.accumulate_grad_batches))
 
     def lr_scheduler_step(self, scheduler, metric) -> None:
         if isinstance(scheduler, TimmScheduler):  # timm schedulers are told the epoch / update count

@@ -285,6 +285,7 @@ def prepare_teacher_statistics(
     dataset_cfg: DictConfig,
     datamodule: ClassificationData,
     cache_dir: str,
+    teacher_input: nn.Module | None = None,
 ) -> None:
     """Give every objective that declares `statistics_name` its teacher statistics (ND's class centres,
     LSHFM's hash bias): from the cache when this teacher (sha256), data config and statistic were seen
@@ -304,6 +305,10 @@ def prepare_teacher_statistics(
             "teacher_arch": teacher_identity["arch"],
             "dataset": {k: v for k, v in dataset.items() if k not in DATA_KEYS_IGNORED_BY_CACHE},
         }
+        if teacher_input is not None:  # the teacher saw re-normalised images: a different statistic
+            payload["teacher_input"] = [
+                buffer.flatten().tolist() for buffer in (teacher_input.scale, teacher_input.shift)
+            ]
         key = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
         path = (
             Path(cache_dir)
@@ -320,7 +325,9 @@ def prepare_teacher_statistics(
             started = time.perf_counter()
             teacher.to(device)
             with torch.no_grad():
-                statistics = objective.compute_teacher_statistics(teacher, datamodule.train_dataloader())
+                statistics = objective.compute_teacher_statistics(
+                    teacher, _statistics_batches(datamodule, teacher_input, device)
+                )
             teacher.cpu()
             statistics = {name: value.cpu() for name, value in statistics.items()}
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -368,6 +375,15 @@ def wait_for_files(paths: list[Path], what: str, timeout_s: float | None = None)
         missing = [path for path in missing if not path.is_file()]
 
 
+def _statistics_batches(datamodule: ClassificationData, teacher_input: nn.Module | None, device):
+    """One plain pass over the training split (no repeats, no Mixup), in the teacher's normalisation."""
+    loader = datamodule.statistics_dataloader()
+    if teacher_input is None:
+        return loader
+    teacher_input = teacher_input.to(device)
+    return ((teacher_input(images.to(device)), labels) for images, labels in loader)
+
+
 def _atomic_torch_save(obj, path: Path) -> None:
     descriptor, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
     os.close(descriptor)
@@ -382,7 +398,12 @@ def _atomic_write_text(text: str, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def check_teacher_reference(teacher: nn.Module, teacher_cfg: DictConfig, datamodule: ClassificationData):
+def check_teacher_reference(
+    teacher: nn.Module,
+    teacher_cfg: DictConfig,
+    datamodule: ClassificationData,
+    teacher_input: nn.Module | None = None,
+):
     """Score the teacher on the validation split before distilling when its published top-1 is known
     (`teacher.reference_top1`); warn loudly when it is more than `reference_tolerance` points below.
     Returns the measured top-1 (%), or None when there is no reference."""
@@ -394,7 +415,10 @@ def check_teacher_reference(teacher: nn.Module, teacher_cfg: DictConfig, datamod
     correct = total = 0
     with torch.no_grad():
         for images, targets in datamodule.val_dataloader():
-            correct += (teacher(images.to(device)).argmax(1).cpu() == targets).sum().item()
+            images = images.to(device)
+            if teacher_input is not None:  # the teacher's own normalisation
+                images = teacher_input.to(device)(images)
+            correct += (teacher(images).argmax(1).cpu() == targets).sum().item()
             total += len(targets)
     teacher.cpu()
     top1 = 100.0 * correct / max(total, 1)

@@ -20,8 +20,8 @@ from pytorch_lightning.utilities import rank_zero_only
 from rich.console import Console
 from rich.table import Table
 
-from kd_experiments.callbacks import TrainThroughput, WeightAveraging, progress_bar
-from kd_experiments.data.base import ClassificationData
+from kd_experiments.callbacks import StudentEMA, TrainThroughput, WeightAveraging, progress_bar
+from kd_experiments.data.base import ClassificationData, Renormalize
 from kd_experiments.errors import UserError
 from kd_experiments.loggers import finish_logger
 from kd_experiments.models import create_model, extract_features
@@ -36,7 +36,7 @@ from kd_experiments.teachers import (
 
 log = logging.getLogger(__name__)
 
-REPORT_PROTOCOLS = ("last", "best", "weight_average")
+REPORT_PROTOCOLS = ("last", "best", "weight_average", "ema")
 
 # In-memory data sets need no loader workers; Lightning's advice to add some is noise here.
 warnings.filterwarnings("ignore", message=".*does not have many workers.*")
@@ -97,8 +97,11 @@ def _fit(cfg: DictConfig, output_dir: Path) -> dict:
     teacher, teacher_identity = build_teacher(
         cfg.teacher, cfg.dataset, datamodule, cfg.paths.teacher_cache_dir
     )
+    teacher_input = _teacher_input(cfg.teacher, datamodule) if teacher is not None else None
     teacher_reference_top1 = (
-        check_teacher_reference(teacher, cfg.teacher, datamodule) if teacher is not None else None
+        check_teacher_reference(teacher, cfg.teacher, datamodule, teacher_input)
+        if teacher is not None
+        else None
     )
     # Re-seed so that the student's initialisation does not depend on how the teacher was obtained.
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -110,11 +113,12 @@ def _fit(cfg: DictConfig, output_dir: Path) -> dict:
         **model_kwargs(cfg.student),
     )
     method = build(cfg.method.objective, "method.objective")
-    student = _setup_method(method, student, teacher, datamodule)
+    student = _setup_method(method, student, teacher, datamodule, teacher_input)
     if teacher is not None:
         prepare_teacher_statistics(
-            method, teacher, teacher_identity, cfg.dataset, datamodule, cfg.paths.teacher_cache_dir
-        )
+            method, teacher, teacher_identity, cfg.dataset, datamodule, cfg.paths.teacher_cache_dir,
+            teacher_input,
+        )  # fmt: skip
 
     scheduler_cfg = OmegaConf.to_container(cfg.scheduler, resolve=True) if cfg.scheduler else {}
     scheduler_interval = scheduler_cfg.pop("interval", "epoch")
@@ -134,6 +138,7 @@ def _fit(cfg: DictConfig, output_dir: Path) -> dict:
         num_classes=datamodule.num_classes,
         teacher=teacher,
         teacher_identity=teacher_identity,
+        teacher_input=teacher_input,
     )
 
     module.teacher_top1 = teacher_reference_top1  # measured already: the first validation reuses it
@@ -148,6 +153,12 @@ def _fit(cfg: DictConfig, output_dir: Path) -> dict:
     )
     if averaging:
         callbacks.append(averaging)
+    ema_decay = cfg.get("ema_decay")
+    if report == "ema" and ema_decay is None:
+        raise UserError("report=ema needs an EMA of the student: set ema_decay, e.g. ema_decay=0.99996")
+    ema = StudentEMA(ema_decay, output_dir) if ema_decay is not None else None
+    if ema:
+        callbacks.append(ema)
     trainer: pl.Trainer = build(cfg.trainer, "trainer", callbacks=callbacks, logger=logger)
     try:
         if logger:
@@ -160,13 +171,20 @@ def _fit(cfg: DictConfig, output_dir: Path) -> dict:
     checkpoint = next((c for c in callbacks if isinstance(c, ModelCheckpoint)), None)
     last_top1 = history[-1]["top1"] if history else None
     best_top1 = max(h["top1"] for h in history) if history else None
-    reported = {"last": last_top1, "best": best_top1}.get(report, averaging.top1 if averaging else None)
+    reported = {
+        "last": last_top1,
+        "best": best_top1,
+        "weight_average": averaging.top1 if averaging else None,
+        "ema": ema.top1 if ema else None,
+    }[report]
     return {
         "student_top1": last_top1,
         "student_top1_best": best_top1,
         "report": report,
         "student_top1_reported": reported,
         "averaged_epochs": averaging.averaged_epochs if averaging else None,
+        "student_top1_ema": ema.top1 if ema else None,
+        "ema_decay": ema_decay,
         "two_head_inference": has_distill_head(student),
         "student_top5": history[-1]["top5"] if history else None,
         "teacher_top1": module.teacher_top1,
@@ -208,25 +226,54 @@ def _dummy_parameters() -> list[torch.nn.Parameter]:
     return [torch.nn.Parameter(torch.zeros(1))]
 
 
-def _setup_method(method, student, teacher, datamodule: ClassificationData) -> torch.nn.Module:
+def _setup_method(
+    method, student, teacher, datamodule: ClassificationData, teacher_input=None
+) -> torch.nn.Module:
     """Let the method adapt the student and size its projectors from one probe batch, without touching
     BatchNorm statistics; return the student to train."""
     probe_images = torch.stack([datamodule.train_set[index][0] for index in range(2)])
 
-    def probe(network, needs):
+    def probe(network, needs, images=probe_images):
         network.eval()
         with torch.no_grad():
-            return extract_features(network, probe_images, needs)
+            return extract_features(network, images, needs)
 
     student_needs = method.student_features | {"logits"}
     student_probe = probe(student, student_needs)
-    teacher_probe = probe(teacher, method.teacher_features) if method.teacher_features else None
+    teacher_probe = None
+    if method.teacher_features:
+        teacher_images = teacher_input(probe_images) if teacher_input is not None else probe_images
+        teacher_probe = probe(teacher, method.teacher_features, teacher_images)
     adapted = method.adapt_student(student, student_probe, teacher_probe)
     if adapted is not student:
         student_probe = probe(adapted, student_needs)
     adapted.train()
     method.setup(student_probe, teacher_probe)
     return adapted
+
+
+def _teacher_input(teacher_cfg: DictConfig, datamodule: ClassificationData) -> Renormalize | None:
+    """The map from the data's normalisation to the teacher's own (`teacher.input_mean` /
+    `teacher.input_std`), or None when the teacher takes the data as it is."""
+    mean, std = teacher_cfg.get("input_mean"), teacher_cfg.get("input_std")
+    if mean is None and std is None:
+        return None
+    if mean is None or std is None:
+        raise UserError("set both teacher.input_mean and teacher.input_std, or neither")
+    if datamodule.normalization is None:
+        raise UserError(
+            f"teacher.input_mean/input_std re-normalise the images for the teacher, but dataset "
+            f"{datamodule.name} does not declare its own normalisation; drop them for this data set"
+        )
+    target = (tuple(mean), tuple(std))
+    if any(len(values) != datamodule.channels for values in target):
+        raise UserError(
+            f"teacher.input_mean and input_std need {datamodule.channels} values (one per channel); "
+            f"got {list(mean)} and {list(std)}"
+        )
+    if target == tuple(map(tuple, datamodule.normalization)):
+        return None
+    return Renormalize(datamodule.normalization, target)
 
 
 def _standard_callbacks(cfg: DictConfig, output_dir: Path, has_logger: bool) -> list[pl.Callback]:
@@ -248,7 +295,7 @@ def _standard_callbacks(cfg: DictConfig, output_dir: Path, has_logger: bool) -> 
     if trainer_cfg.get("enable_progress_bar", True):
         callbacks.append(progress_bar())
     if has_logger:
-        callbacks.append(LearningRateMonitor(logging_interval="epoch"))
+        callbacks.append(LearningRateMonitor())  # at each scheduler's own interval
     return callbacks
 
 
@@ -297,6 +344,11 @@ def _print_result_table(summary: dict) -> None:
     )
     table.add_row(f"student {summary['student']}, last epoch", percent(summary["student_top1"]))
     table.add_row(f"student {summary['student']}, best epoch", percent(summary["student_top1_best"]))
+    if summary.get("student_top1_ema") is not None:
+        table.add_row(
+            f"student, EMA of the weights (decay {summary.get('ema_decay')})",
+            percent(summary["student_top1_ema"]),
+        )
     if summary.get("report") == "weight_average":
         table.add_row(
             f"student, weights averaged over {summary.get('averaged_epochs')} epochs",

@@ -1,6 +1,7 @@
 """The real data loaders (CIFAR-10/100 from torchvision, ImageFolder/ImageNet with timm transforms and
 Mixup), exercised on data the tests generate in the on-disk layouts the real data sets use."""
 
+import json
 import pickle
 from types import SimpleNamespace
 
@@ -121,6 +122,14 @@ def test_image_folder_counts_classes_and_uses_timm_transforms(tmp_path):
         ImageFolderData(root=str(tmp_path), num_classes=5, image_size=32).setup()
 
 
+def test_random_erasing_fills_with_per_pixel_noise_by_default(tmp_path):
+    write_image_tree(tmp_path)
+    data = ImageFolderData(root=str(tmp_path), image_size=32, re_prob=0.25, num_workers=0)
+    data.setup("fit")
+    erasing = next(t for t in data.train_set.transform.transforms if type(t).__name__ == "RandomErasing")
+    assert (erasing.probability, erasing.per_pixel) == (0.25, True)  # DeiT's --remode pixel
+
+
 def test_mixup_gives_soft_targets_only_in_training(tmp_path):
     write_image_tree(tmp_path)
     mixup = {"mixup_alpha": 0.8, "cutmix_alpha": 1.0, "label_smoothing": 0.1}
@@ -136,6 +145,32 @@ def test_mixup_gives_soft_targets_only_in_training(tmp_path):
     data.trainer = SimpleNamespace(training=False)
     unchanged = data.on_after_batch_transfer(batch, 0)
     assert unchanged[1].dtype == torch.int64
+
+
+def test_repeated_augmentation_draws_each_image_three_times_across_the_ranks(tmp_path):
+    from torch.utils.data import DistributedSampler
+
+    write_image_tree(tmp_path)  # 12 training images
+    shards = []
+    for rank in (0, 1):
+        data = ImageFolderData(root=str(tmp_path), image_size=32, batch_size=4, num_workers=0,
+                               repeated_augmentation=3)  # fmt: skip
+        data.setup("fit")
+        data.trainer = SimpleNamespace(world_size=2, global_rank=rank)
+        loader = data.train_dataloader()
+        # a DistributedSampler to Lightning, which therefore does not shard it a second time
+        assert isinstance(loader.sampler, DistributedSampler) and loader.sampler.num_replicas == 2
+        loader.sampler.set_epoch(5)
+        shards.append(list(loader.sampler))
+    assert [len(shard) for shard in shards] == [6, 6]  # an epoch is as long as a plain one: 12 / 2 ranks
+    drawn = shards[0] + shards[1]
+    # 4 images, each drawn 3 times, and each of them seen by both ranks
+    assert sorted(drawn.count(index) for index in set(drawn)) == [3, 3, 3, 3]
+    assert set(shards[0]) == set(shards[1])
+    # teacher statistics take one plain pass: every image once, in order
+    assert list(data.statistics_dataloader().sampler) == list(range(12))
+    with pytest.raises(UserError, match="repeated_augmentation must be 0"):
+        ImageFolderData(root=str(tmp_path), image_size=32, repeated_augmentation=-1)
 
 
 def test_mixed_targets_reach_the_losses_through_the_cli(tmp_path):
@@ -181,3 +216,20 @@ def test_soft_targets_give_soft_ce_and_mixed_nd_centres():
     torch.testing.assert_close(
         nd_loss(student, teacher, one_hot, centres), nd_loss(student, teacher, torch.tensor([0, 2]), centres)
     )
+
+
+def test_repeated_augmentation_and_ema_under_ddp(tmp_path):
+    """Two CPU processes: Lightning keeps the repeated-augmentation sampler (it already shards by rank)
+    instead of sharding it again, and the EMA of the student is scored at the end."""
+    write_image_tree(tmp_path / "tree", per_class=10)  # 30 training images
+    result = run_cli(
+        "dataset=imagefolder", f"dataset.root={tmp_path}/tree", "dataset.image_size=32",
+        "dataset.batch_size=4", "dataset.num_workers=0", "dataset.repeated_augmentation=3",
+        "teacher=resnet20", "teacher.weights=random", "student=resnet8", "trainer.max_epochs=1",
+        "trainer.strategy=ddp", "trainer.devices=2", "trainer.accelerator=cpu", "ema_decay=0.9",
+        "logger=none", cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads(next(tmp_path.glob("outputs/runs/*/*/summary.json")).read_text())
+    # 30 images / 2 ranks = 15 per rank = 4 batches of 4; sharded a second time it would be 2 batches
+    assert summary["steps"] == 4 and summary["student_top1_ema"] is not None

@@ -165,6 +165,7 @@ def test_srd_deit_ti_scales_all_three_lrs_by_the_global_batch():
     assert resolved(cfg, "scheduler.lr_min") == pytest.approx(5e-6)
     assert resolved(cfg, "scheduler.warmup_lr_init") == pytest.approx(5e-7)
     assert cfg.scheduler.warmup_t == 20 and resolved(cfg, "scheduler.t_initial") == 300
+    assert cfg.scheduler.interval == "step"  # per-iteration cosine (Swin's lr_scheduler.py)
     assert cfg.trainer.gradient_clip_val == 15.0 and cfg.trainer.precision == "16-mixed"
     assert cfg.optimizer.opt == "adamw" and cfg.optimizer.weight_decay == 0.05
     objective = cfg.method.objective
@@ -183,6 +184,7 @@ def test_vkd_deit_ti():
     cfg = compose_config("experiment=vkd_imagenet_regnety_160_deit_ti_convstem")
     assert cfg.optimizer.opt == "adamw" and cfg.optimizer.lr == 5e-4 and cfg.optimizer.weight_decay == 0.05
     assert cfg.scheduler.warmup_t == 0 and cfg.scheduler.lr_min == 5e-6
+    assert cfg.scheduler.interval == "step"  # per-iteration cosine
     assert resolved(cfg, "scheduler.t_initial") == 300 and cfg.trainer.max_epochs == 300
     assert (cfg.dataset.batch_size, cfg.trainer.devices) == (512, 1)
     assert cfg.trainer.precision == "16-mixed" and cfg.trainer.get("gradient_clip_val") is None
@@ -230,6 +232,8 @@ def test_deit_distilled_lr_is_scaled_to_the_global_batch_of_1024():
         assert cfg.scheduler.warmup_t == 5 and cfg.method.objective.kind == "hard"
         assert dict(cfg.method.weights) == {"ce": 0.5, "distill": 0.5}
         assert cfg.student.model_kwargs.drop_path_rate == 0.1 and cfg.paper.top1 == top1
+        # main.py defaults: repeated augmentation (3 repeats) and the model EMA, decay 0.99996
+        assert cfg.dataset.repeated_augmentation == 3 and cfg.ema_decay == 0.99996 and cfg.report == "last"
 
 
 def test_nd_deit_b_plus_plus_is_the_nd_deit_script():
@@ -409,3 +413,22 @@ def test_ablation_sweeps_the_stated_parameters_and_every_job_composes(name):
         cfg = compose_config(f"experiment={name}", *overrides)
         for key, value in zip(keys, values, strict=True):
             assert str(OmegaConf.select(cfg, key)).lower() == value.lower()
+
+
+@pytest.mark.parametrize("teacher", ["vit_s", "vit_b"])
+def test_nd_vit_teachers_see_their_own_normalisation(teacher):
+    # the student and the data keep ImageNet's mean / std; the augreg ViT teacher gets mean = std = 0.5
+    cfg = compose_config(f"experiment=nd-kd++_imagenet_{teacher}_resnet18")
+    assert list(cfg.dataset.mean) == [0.485, 0.456, 0.406] and list(cfg.dataset.std) == [0.229, 0.224, 0.225]
+    assert list(cfg.teacher.input_mean) == [0.5] * 3 and list(cfg.teacher.input_std) == [0.5] * 3
+
+
+def test_reviewkd_resnet50_mobilenetv1_follows_the_code_behind_its_number():
+    # methods.md c: weight 8, pre-activation student stages; ABF mid channels 256 as in the original
+    # ReviewKD ImageNet code (mdistiller's MAX_MID_CHANNEL 256, which its code ignores)
+    cfg = compose_config("experiment=reviewkd_imagenet_resnet50_mobilenetv1")
+    review = cfg.method.objective
+    assert (review.student_preact, review.teacher_preact, review.max_mid_channels) == (True, True, 256)
+    assert dict(cfg.method.weights) == {"ce": 1.0, "reviewkd": 8.0} and cfg.paper.top1 == 72.56
+    assert (cfg.optimizer.lr, cfg.optimizer.weight_decay, cfg.dataset.batch_size) == (0.1, 1e-4, 256)
+    assert list(cfg.scheduler.milestones) == [30, 60, 90] and cfg.trainer.max_epochs == 100

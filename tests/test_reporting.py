@@ -2,12 +2,13 @@
 number copied next to the result, and the timm optimizer/scheduler factories."""
 
 import json
+import math
 
 import pytest
 import pytorch_lightning as pl
 import torch
 
-from kd_experiments.callbacks import WeightAveraging
+from kd_experiments.callbacks import StudentEMA, WeightAveraging
 from tests.conftest import QUICK, run_cli
 
 
@@ -46,6 +47,40 @@ def test_report_protocol_and_paper_gap_in_the_summary(workdir):
 
     bad = run_cli(*QUICK, "report=average", cwd=workdir)
     assert bad.returncode == 2 and "report='average' is not one of last, best, weight_average" in bad.stderr
+    no_ema = run_cli(*QUICK, "report=ema", cwd=workdir)
+    assert no_ema.returncode == 2 and "report=ema needs an EMA of the student: set ema_decay" in no_ema.stderr
+
+
+def test_student_ema_follows_the_optimizer_steps_and_survives_a_checkpoint(tmp_path):
+    student = torch.nn.Linear(3, 2)
+    ema = StudentEMA(decay=0.9, output_dir=tmp_path)
+    module = type("M", (), {"student": student})()
+    ema.on_fit_start(None, module)
+    for step in (1, 2, 2, 3):  # the repeated step is a gradient-accumulation batch: no update
+        with torch.no_grad():
+            student.weight.fill_(float(step * 10))
+        ema.on_train_batch_end(type("T", (), {"global_step": step})(), module, None, None, 0)
+    # step 1 copies the weights (10); step 2: 0.9 * 10 + 0.1 * 20 = 11; step 3: 0.9 * 11 + 0.1 * 30 = 12.9
+    torch.testing.assert_close(ema.ema.module.weight, torch.full((2, 3), 12.9))
+    resumed = StudentEMA(decay=0.9, output_dir=tmp_path)
+    resumed.load_state_dict(ema.state_dict())
+    resumed.on_fit_start(None, type("M", (), {"student": torch.nn.Linear(3, 2)})())
+    torch.testing.assert_close(resumed.ema.module.weight, ema.ema.module.weight)
+
+
+def test_ema_is_scored_and_reported(workdir):
+    result = run_cli(*QUICK, "ema_decay=0.5", "report=ema", cwd=workdir)
+    assert result.returncode == 0, result.stderr[-2000:]
+    run_dir = next(workdir.glob("outputs/runs/*/*/"))
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["ema_decay"] == 0.5 and 0.0 < summary["student_top1_ema"] <= 100.0
+    assert summary["student_top1_reported"] == summary["student_top1_ema"]
+    ema_weights = torch.load(run_dir / "checkpoints/ema_student.pt", weights_only=True)
+    last = torch.load(run_dir / "checkpoints/last.ckpt", weights_only=False)
+    student_weights = {k.removeprefix("student."): v for k, v in last["state_dict"].items()}
+    assert ema_weights.keys() <= student_weights.keys()
+    assert any(not torch.equal(ema_weights[k], student_weights[k]) for k in ema_weights)
+    assert "EMA of the weights (decay 0.5)" in result.stdout
 
 
 def test_adamw_keeps_norms_biases_and_vit_tokens_out_of_weight_decay():
@@ -83,6 +118,24 @@ def test_timm_cosine_warmup_is_stepped_per_epoch_by_the_module(workdir):
     lrs = [float(r.split(",")[column]) for r in rows[1:] if r.split(",")[column]]
     # warm-up 0.01 -> 0.055 over 2 epochs, then cosine from 0.1 (timm: lr_min 5e-6, t_initial 4)
     assert [round(x, 4) for x in lrs] == [0.01, 0.055, 0.05, 0.0146]
+
+
+def test_timm_cosine_warmup_with_interval_step_counts_updates_not_epochs(workdir):
+    """SRD / VkD step their cosine per iteration: the epoch-unit warm-up and length become updates."""
+    result = run_cli(
+        *QUICK, "scheduler=cosine_warmup", "scheduler.interval=step", "scheduler.warmup_t=1",
+        "scheduler.warmup_lr_init=0.01", "optimizer.lr=0.1", "++trainer.limit_train_batches=4",
+        "trainer.log_every_n_steps=1", "logger=csv", cwd=workdir,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = (next(workdir.glob("outputs/runs/*/*/csv/metrics.csv"))).read_text().splitlines()
+    header = rows[0].split(",")
+    column = next(i for i, name in enumerate(header) if name.startswith("lr-"))
+    lrs = [float(r.split(",")[column]) for r in rows[1:] if r.split(",")[column]]
+    # 4 updates per epoch: a linear warm-up over updates 0-3, then the cosine over 8 updates (lr_min 5e-6)
+    warmup = [0.01 + t * (0.1 - 0.01) / 4 for t in range(4)]
+    cosine = [5e-6 + 0.5 * (0.1 - 5e-6) * (1 + math.cos(math.pi * t / 8)) for t in range(4, 8)]
+    assert lrs == pytest.approx(warmup + cosine, abs=1e-9)
 
 
 def test_sgd_recipe_settings_reach_torch_sgd():

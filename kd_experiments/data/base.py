@@ -3,7 +3,9 @@
 from pathlib import Path
 
 import pytorch_lightning as pl
-from torch.utils.data import DataLoader, Dataset
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from kd_experiments.errors import UserError
 
@@ -43,16 +45,26 @@ class ClassificationData(pl.LightningDataModule):
         self.num_workers = num_workers
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
+        # The (mean, std) per channel that the images are normalised with, where the data module knows it.
+        self.normalization: tuple[tuple[float, ...], tuple[float, ...]] | None = None
 
-    def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool) -> DataLoader:
+    def _loader(
+        self,
+        dataset: Dataset,
+        batch_size: int,
+        shuffle: bool,
+        drop_last: bool = False,
+        sampler: Sampler | None = None,
+    ) -> DataLoader:
         return DataLoader(
             dataset,
             batch_size=batch_size,
-            shuffle=shuffle,
+            shuffle=shuffle if sampler is None else None,
+            sampler=sampler,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             pin_memory=False,
-            drop_last=False,
+            drop_last=drop_last,
         )
 
     def train_dataloader(self) -> DataLoader:
@@ -60,6 +72,30 @@ class ClassificationData(pl.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_set, self.eval_batch_size, shuffle=False)
+
+    def statistics_dataloader(self) -> DataLoader:
+        """One plain pass over the training split (training transforms, no repeats, no Mixup), for the
+        teacher statistics that some methods precompute (ND's class centres, LSHFM's hash bias)."""
+        return self._loader(self.train_set, self.eval_batch_size, shuffle=False)
+
+
+class Renormalize(nn.Module):
+    """Maps a batch normalised with `data` = (mean, std) to the normalisation `target` expects:
+    x' = (x * std_d + mean_d - mean_t) / std_t, an exact per-channel affine map (also of Mixup/CutMix
+    batches, which are convex combinations of images). It lets a teacher see its own normalisation (a timm
+    augreg ViT's 0.5 / 0.5) while the student keeps the data set's."""
+
+    def __init__(self, data: tuple, target: tuple):
+        super().__init__()
+        (data_mean, data_std), (target_mean, target_std) = (
+            [torch.tensor(values, dtype=torch.float32).view(1, -1, 1, 1) for values in pair]
+            for pair in (data, target)
+        )
+        self.register_buffer("scale", data_std / target_std, persistent=False)
+        self.register_buffer("shift", (data_mean - target_mean) / target_std, persistent=False)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return images * self.scale + self.shift
 
 
 def require_path(path: str | Path, what: str, how_to_get: str) -> Path:

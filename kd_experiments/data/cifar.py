@@ -72,6 +72,7 @@ class CIFARData(ClassificationData):
         )
         mean, std = STATISTICS[variant]
         self.normalize = transforms.Normalize(mean, std)
+        self.normalization = (tuple(mean), tuple(std))
 
     def train_transform(self):
         return transforms.Compose(

@@ -3,11 +3,21 @@ Mixup/CutMix."""
 
 from pathlib import Path
 
-import torch
+from timm.data.distributed_sampler import RepeatAugSampler
+from torch.utils.data import DistributedSampler
 from torchvision import datasets
 
 from kd_experiments.data.base import ClassificationData, require_path
 from kd_experiments.errors import UserError
+
+
+class RepeatedAugmentationSampler(RepeatAugSampler, DistributedSampler):
+    """timm's `RepeatAugSampler` (DeiT's RASampler, methods.md i): each epoch draws every image
+    `num_repeats` times, sends the copies to different ranks, and keeps an epoch as long as a plain one
+    (len(dataset) / world size images per rank, rounded down to a multiple of 256 / world size).
+
+    It shards by rank itself, so it is declared a `DistributedSampler`: Lightning then leaves it alone
+    instead of wrapping it in a second per-rank sampler, and still calls `set_epoch` every epoch."""
 
 
 class ImageFolderData(ClassificationData):
@@ -16,12 +26,15 @@ class ImageFolderData(ClassificationData):
 
     Transforms come from `timm.data.create_transform`: training with RandomResizedCrop(`image_size`,
     `scale`) + flip, plus the DeiT options when set (`auto_augment` e.g. `rand-m9-mstd0.5-inc1`, `re_prob`
-    random erasing, `color_jitter`); evaluation resizes to `image_size / crop_pct` (256 for 224) and
-    centre-crops. `interpolation` is `bilinear` or `bicubic` (the DeiT recipes).
+    random erasing, filled with per-pixel noise by default (`re_mode: pixel`, as DeiT and timm's train.py),
+    `color_jitter`); evaluation resizes to `image_size / crop_pct` (256 for 224) and centre-crops.
+    `interpolation` is `bilinear` or `bicubic` (the DeiT recipes).
 
     `mixup` (a dict of `timm.data.Mixup` arguments: mixup_alpha, cutmix_alpha, label_smoothing, ...) mixes
     each training batch after it reaches the device, so the teacher sees the same mixed images as the
     student; the targets become B x K probabilities and the methods' CE terms take them as soft targets.
+    `repeated_augmentation: 3` samples each training image three times per epoch under different
+    augmentations, spread over the ranks (DeiT's repeated augmentation; 0 = off).
     `num_classes: null` counts the class folders of the training split.
     """
 
@@ -43,10 +56,12 @@ class ImageFolderData(ClassificationData):
         crop_pct: float = 0.875,
         auto_augment: str | None = None,
         re_prob: float = 0.0,
+        re_mode: str = "pixel",
         color_jitter: float | None = None,
         mean: tuple[float, ...] = (0.485, 0.456, 0.406),
         std: tuple[float, ...] = (0.229, 0.224, 0.225),
         mixup: dict | None = None,
+        repeated_augmentation: int = 0,
         how_to_get: str = "point dataset.root at a folder holding train/<class>/ and val/<class>/ images",
         **common,
     ):
@@ -57,10 +72,17 @@ class ImageFolderData(ClassificationData):
         super().__init__(batch_size, num_classes, image_size, channels, num_workers, **common)
         self.transform_options = dict(
             scale=tuple(scale), hflip=hflip, interpolation=interpolation, crop_pct=crop_pct,
-            auto_augment=auto_augment, re_prob=re_prob, color_jitter=color_jitter,
+            auto_augment=auto_augment, re_prob=re_prob, re_mode=re_mode, color_jitter=color_jitter,
             mean=tuple(mean), std=tuple(std),
         )  # fmt: skip
+        self.normalization = (tuple(mean), tuple(std))
         self.mixup_options = dict(mixup) if mixup else None
+        if not isinstance(repeated_augmentation, int) or repeated_augmentation < 0:
+            raise UserError(
+                f"dataset.repeated_augmentation must be 0 (off) or the number of repeats, e.g. 3 (DeiT); "
+                f"got {repeated_augmentation!r}"
+            )
+        self.repeated_augmentation = repeated_augmentation
         self.mixup = None
 
     def _class_folders(self, split: Path) -> list[Path]:
@@ -77,7 +99,7 @@ class ImageFolderData(ClassificationData):
         return create_transform(
             self.image_size, is_training=True, scale=options["scale"], hflip=options["hflip"],
             interpolation=options["interpolation"], auto_augment=options["auto_augment"],
-            re_prob=options["re_prob"], color_jitter=options["color_jitter"],
+            re_prob=options["re_prob"], re_mode=options["re_mode"], color_jitter=options["color_jitter"],
             mean=options["mean"], std=options["std"],
         )  # fmt: skip
 
@@ -115,14 +137,16 @@ class ImageFolderData(ClassificationData):
             self.mixup = Mixup(num_classes=self.num_classes, **self.mixup_options)
 
     def train_dataloader(self):
+        sampler = None
+        if self.repeated_augmentation > 1:
+            world_size, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer else (1, 0)
+            sampler = RepeatedAugmentationSampler(
+                self.train_set, num_replicas=world_size, rank=rank, num_repeats=self.repeated_augmentation
+            )
         # Mixup pairs samples within a batch and needs an even batch size: drop the ragged last batch.
-        loader = super().train_dataloader()
-        if self.mixup is None:
-            return loader
-        return torch.utils.data.DataLoader(
-            loader.dataset, batch_size=self.batch_size, shuffle=True, num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0, drop_last=True,
-        )  # fmt: skip
+        return self._loader(
+            self.train_set, self.batch_size, shuffle=True, drop_last=self.mixup is not None, sampler=sampler
+        )
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         if self.mixup is not None and self.trainer is not None and self.trainer.training:
