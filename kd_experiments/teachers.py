@@ -341,8 +341,10 @@ def prepare_teacher_statistics(
 
 def _is_rank_zero() -> bool:
     # Read at call time: Lightning sets rank_zero_only.rank at import from RANK / LOCAL_RANK / SLURM_PROCID /
-    # JSM_NAMESPACE_RANK (0 when none is set), i.e. the global rank is known before trainer.fit.
-    return rank_zero_only.rank == 0
+    # JSM_NAMESPACE_RANK (0 when none is set), i.e. the global rank is known before trainer.fit. Nodes
+    # started by hand for Lightning's multi-node mode set only NODE_RANK: their main processes are local
+    # rank 0 but only node 0's is global rank 0.
+    return rank_zero_only.rank == 0 and int(os.environ.get("NODE_RANK", 0)) == 0
 
 
 def wait_for_files(paths: list[Path], what: str, timeout_s: float | None = None) -> None:
@@ -359,7 +361,8 @@ def wait_for_files(paths: list[Path], what: str, timeout_s: float | None = None)
             timeout_s = float(setting)
         except ValueError:
             raise UserError(f"{CACHE_WAIT_ENV}={setting!r} is not a number of seconds") from None
-    rank = rank_zero_only.rank
+    node = os.environ.get("NODE_RANK")
+    rank = f"{rank_zero_only.rank}" if node is None else f"{rank_zero_only.rank} of node {node}"
     log.info(f"Rank {rank}: waiting for rank 0 to write {what} ({', '.join(map(str, missing))})")
     deadline = time.monotonic() + timeout_s
     while missing:

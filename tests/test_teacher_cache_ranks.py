@@ -160,3 +160,16 @@ def test_lightning_ddp_children_reuse_what_the_main_process_cached(tmp_path):
     assert output.count("training it with CE") == 1 and output.count("class_centers: computed") == 1
     assert output.count("reusing cached weights") == 1 and output.count("class_centers: reusing") == 1
     assert "waiting for rank 0" not in output
+
+
+def test_the_main_process_of_another_node_waits_too(monkeypatch, tmp_path):
+    """Nodes started by hand for Lightning's multi-node mode set only NODE_RANK: node 1's main process is
+    local rank 0 but must not compute its own copy."""
+    monkeypatch.setattr(rank_zero_only, "rank", 0)
+    monkeypatch.setenv("NODE_RANK", "1")
+    monkeypatch.setenv("KD_CACHE_WAIT_S", "0.1")
+    assert not teachers._is_rank_zero()
+    with pytest.raises(UserError, match="rank 0 of node 1 waited 0.1s for rank 0"):
+        teachers.wait_for_files([tmp_path / "never.pt"], "a test file")
+    monkeypatch.setenv("NODE_RANK", "0")
+    assert teachers._is_rank_zero()
