@@ -106,16 +106,21 @@ def test_adamw_keeps_norms_biases_and_vit_tokens_out_of_weight_decay():
     assert isinstance(optimizer, torch.optim.AdamW)
 
 
+def logged_learning_rates(workdir) -> list[float]:
+    """The learning rates LearningRateMonitor wrote to the run's metrics.csv, in order."""
+    rows = (next(workdir.glob("outputs/runs/*/*/csv/metrics.csv"))).read_text().splitlines()
+    header = rows[0].split(",")
+    column = next(i for i, name in enumerate(header) if name.startswith("lr-"))
+    return [float(r.split(",")[column]) for r in rows[1:] if r.split(",")[column]]
+
+
 def test_timm_cosine_warmup_is_stepped_per_epoch_by_the_module(workdir):
     result = run_cli(
         *QUICK, "trainer.max_epochs=4", "scheduler=cosine_warmup", "scheduler.warmup_t=2",
         "scheduler.warmup_lr_init=0.01", "optimizer.lr=0.1", "logger=csv", cwd=workdir,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
-    rows = (next(workdir.glob("outputs/runs/*/*/csv/metrics.csv"))).read_text().splitlines()
-    header = rows[0].split(",")
-    column = next(i for i, name in enumerate(header) if name.startswith("lr-"))
-    lrs = [float(r.split(",")[column]) for r in rows[1:] if r.split(",")[column]]
+    lrs = logged_learning_rates(workdir)
     # warm-up 0.01 -> 0.055 over 2 epochs, then cosine from 0.1 (timm: lr_min 5e-6, t_initial 4)
     assert [round(x, 4) for x in lrs] == [0.01, 0.055, 0.05, 0.0146]
 
@@ -128,10 +133,7 @@ def test_timm_cosine_warmup_with_interval_step_counts_updates_not_epochs(workdir
         "trainer.log_every_n_steps=1", "logger=csv", cwd=workdir,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
-    rows = (next(workdir.glob("outputs/runs/*/*/csv/metrics.csv"))).read_text().splitlines()
-    header = rows[0].split(",")
-    column = next(i for i, name in enumerate(header) if name.startswith("lr-"))
-    lrs = [float(r.split(",")[column]) for r in rows[1:] if r.split(",")[column]]
+    lrs = logged_learning_rates(workdir)
     # 4 updates per epoch: a linear warm-up over updates 0-3, then the cosine over 8 updates (lr_min 5e-6)
     warmup = [0.01 + t * (0.1 - 0.01) / 4 for t in range(4)]
     cosine = [5e-6 + 0.5 * (0.1 - 5e-6) * (1 + math.cos(math.pi * t / 8)) for t in range(4, 8)]
