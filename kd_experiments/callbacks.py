@@ -54,13 +54,15 @@ class TrainThroughput(pl.Callback):
             pl_module.log("train/images_per_s", self._epoch_images / self._epoch_seconds)
 
 
-def validation_top1(model: torch.nn.Module, trainer: pl.Trainer, device: torch.device) -> float:
-    """Top-1 (%) of `model` in eval mode on the data module's whole validation split."""
+def top1_on(model: torch.nn.Module, loader, device: torch.device, prepare=None) -> float:
+    """Top-1 (%) of `model` in eval mode over `loader`; `prepare` maps the images first (a teacher's own
+    input normalisation)."""
     model.eval()
     correct = total = 0
     with torch.no_grad():
-        for images, targets in trainer.datamodule.val_dataloader():
-            logits = model(images.to(device))
+        for images, targets in loader:
+            images = images.to(device)
+            logits = model(prepare(images) if prepare is not None else images)
             correct += (logits.argmax(1).cpu() == targets).sum().item()
             total += len(targets)
     return 100.0 * correct / max(total, 1)
@@ -93,7 +95,7 @@ class WeightAveraging(pl.Callback):
         if self.averaged is None:
             return
         model = self.averaged.module
-        self.top1 = validation_top1(model, trainer, pl_module.device)
+        self.top1 = top1_on(model, trainer.datamodule.val_dataloader(), pl_module.device)
         if trainer.is_global_zero:
             self.output_path.parent.mkdir(parents=True, exist_ok=True)
             torch.save(model.state_dict(), self.output_path)
@@ -130,7 +132,7 @@ class StudentEMA(pl.Callback):
             self.ema.update(pl_module.student, step=trainer.global_step)
 
     def on_train_end(self, trainer, pl_module) -> None:
-        self.top1 = validation_top1(self.ema.module, trainer, pl_module.device)
+        self.top1 = top1_on(self.ema.module, trainer.datamodule.val_dataloader(), pl_module.device)
         if trainer.is_global_zero:
             self.output_path.parent.mkdir(parents=True, exist_ok=True)
             torch.save(self.ema.module.state_dict(), self.output_path)

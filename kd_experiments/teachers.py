@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.utilities import rank_zero_only
 from torch import nn
 
+from kd_experiments.callbacks import top1_on
 from kd_experiments.data.base import ClassificationData
 from kd_experiments.errors import UserError
 from kd_experiments.models import create_model
@@ -414,17 +415,9 @@ def check_teacher_reference(
     if reference is None:
         return None
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    teacher.to(device)
-    correct = total = 0
-    with torch.no_grad():
-        for images, targets in datamodule.val_dataloader():
-            images = images.to(device)
-            if teacher_input is not None:  # the teacher's own normalisation
-                images = teacher_input.to(device)(images)
-            correct += (teacher(images).argmax(1).cpu() == targets).sum().item()
-            total += len(targets)
+    prepare = teacher_input.to(device) if teacher_input is not None else None  # the teacher's normalisation
+    top1 = top1_on(teacher.to(device), datamodule.val_dataloader(), device, prepare)
     teacher.cpu()
-    top1 = 100.0 * correct / max(total, 1)
     tolerance = teacher_cfg.get("reference_tolerance", 2.0)
     if top1 < reference - tolerance:
         log.warning(
