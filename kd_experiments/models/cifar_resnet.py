@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kd_experiments.models.positions import GlobalPoolHead, positions_to_take
+from kd_experiments.models.positions import GlobalPoolHead, init_like_mdistiller, positions_to_take
 from kd_experiments.models.registry import register_model
 
 NARROW_WIDTHS = (16, 16, 32, 64)
@@ -74,21 +74,13 @@ class CifarResNet(GlobalPoolHead, nn.Module):
         self.layer2 = self._make_stage(stage_widths[0], stage_widths[1], blocks_per_stage, stride=2)
         self.layer3 = self._make_stage(stage_widths[1], stage_widths[2], blocks_per_stage, stride=2)
         self.fc = nn.Linear(self.num_features, num_classes)
-        self._init_weights()
+        init_like_mdistiller(self)
 
     @staticmethod
     def _make_stage(in_channels: int, out_channels: int, num_blocks: int, stride: int) -> nn.Sequential:
         blocks = [BasicBlock(in_channels, out_channels, stride)]
         blocks += [BasicBlock(out_channels, out_channels) for _ in range(num_blocks - 1)]
         return nn.Sequential(*blocks)
-
-    def _init_weights(self) -> None:
-        for module in self.modules():
-            if isinstance(module, nn.Conv2d):
-                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(module, nn.BatchNorm2d):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
 
     @property
     def stages(self) -> list[nn.Sequential]:

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kd_experiments.models.positions import positions_to_take
+from kd_experiments.models.positions import init_like_mdistiller, positions_to_take
 from kd_experiments.models.registry import register_model
 
 STAGE_PLANES = (64, 128, 256, 512)
@@ -227,17 +227,8 @@ class CifarResNetV2(CifarStagedNet):
                 in_channels = planes * block.expansion
             setattr(self, f"layer{index}", nn.Sequential(*blocks))
         self.linear = nn.Linear(self.num_features, num_classes)
-        self._init_weights()
-
-    def _init_weights(self) -> None:
-        # As mdistiller: Kaiming-normal (fan_out, ReLU gain) convs, BN weight 1 / bias 0, and PyTorch's
-        # default init for the linear classifier (no zero-init of the last BN in each block).
-        for module in self.modules():
-            if isinstance(module, nn.Conv2d):
-                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(module, nn.BatchNorm2d):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
+        # As mdistiller: no zero-init of the last BN in each block; PyTorch's default classifier init.
+        init_like_mdistiller(self)
 
     @property
     def stages(self) -> list[nn.Sequential]:

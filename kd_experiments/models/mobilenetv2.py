@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from kd_experiments.models.cifar_resnetv2 import CifarStagedNet
+from kd_experiments.models.positions import init_like_mdistiller
 from kd_experiments.models.registry import register_model
 
 # (channels before the width multiplier, blocks, first stride) of the seven groups; every group but the
@@ -111,20 +112,7 @@ class CifarMobileNetV2(CifarStagedNet):
         self.conv2 = _conv_bn_relu(in_channels, last_channel, 1, stride=1)
         self.classifier = nn.Sequential(nn.Linear(last_channel, num_classes))
         self.stage_channels = [stem_width, *(group_widths[groups[-1]] for groups in STAGE_GROUPS)]
-        self._init_weights()
-
-    def _init_weights(self) -> None:
-        # As mdistiller: conv weights ~ N(0, 2 / (k*k*out_channels)) (= Kaiming-normal, fan_out, ReLU gain,
-        # also for the depthwise convs), BN weight 1 / bias 0, classifier ~ N(0, 0.01) with zero bias.
-        for module in self.modules():
-            if isinstance(module, nn.Conv2d):
-                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(module, nn.BatchNorm2d):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.Linear):
-                nn.init.normal_(module.weight, 0.0, 0.01)
-                nn.init.zeros_(module.bias)
+        init_like_mdistiller(self, linear_std=0.01)
 
     @property
     def stages(self) -> list[nn.Sequential]:

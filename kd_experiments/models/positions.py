@@ -1,5 +1,5 @@
 """What the zoo models share: which feature positions `forward_intermediates(indices=...)` returns
-(timm's convention), and the global-pool + linear head."""
+(timm's convention), the global-pool + linear head, and mdistiller's weight initialisation."""
 
 from collections.abc import Sequence
 
@@ -43,3 +43,22 @@ class GlobalPoolHead:
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
+
+
+def init_like_mdistiller(model: nn.Module, linear_std: float | None = None, zero_linear_bias: bool = False):
+    """mdistiller's CIFAR zoo init, in module order: convs Kaiming-normal (fan_out, ReLU gain, i.e.
+    N(0, 2 / (k * k * out_channels))) with zero bias where they have one; BN weight 1, bias 0. Linear layers:
+    N(0, `linear_std`) weights and zero bias when `linear_std` is given, only a zero bias with
+    `zero_linear_bias`, otherwise PyTorch's default."""
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d):
+            nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.BatchNorm2d):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Linear) and (linear_std is not None or zero_linear_bias):
+            if linear_std is not None:
+                nn.init.normal_(module.weight, 0.0, linear_std)
+            nn.init.zeros_(module.bias)

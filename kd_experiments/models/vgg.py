@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kd_experiments.models.positions import GlobalPoolHead, positions_to_take
+from kd_experiments.models.positions import GlobalPoolHead, init_like_mdistiller, positions_to_take
 from kd_experiments.models.registry import register_model
 
 # Output widths of the conv layers in each of the five blocks.
@@ -69,21 +69,7 @@ class CifarVGG(GlobalPoolHead, nn.Module):
         self.pool2 = nn.MaxPool2d(kernel_size=2, stride=2)
         self.pool3 = nn.MaxPool2d(kernel_size=2, stride=2)
         self.classifier = nn.Linear(self.num_features, num_classes)
-        self._init_weights()
-
-    def _init_weights(self) -> None:
-        # As mdistiller: convs ~ N(0, 2 / (k * k * out_channels)) (kaiming normal, fan_out) with zero bias,
-        # BN weight 1 and bias 0, classifier ~ N(0, 0.01) with zero bias.
-        for module in self.modules():
-            if isinstance(module, nn.Conv2d):
-                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
-                nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.BatchNorm2d):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.Linear):
-                nn.init.normal_(module.weight, 0.0, 0.01)
-                nn.init.zeros_(module.bias)
+        init_like_mdistiller(self, linear_std=0.01)
 
     @property
     def blocks(self) -> list[nn.Sequential]:

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kd_experiments.models.positions import GlobalPoolHead, positions_to_take
+from kd_experiments.models.positions import GlobalPoolHead, init_like_mdistiller, positions_to_take
 from kd_experiments.models.registry import register_model
 
 
@@ -97,19 +97,7 @@ class WideResNet(GlobalPoolHead, nn.Module):
         self.block3 = WideStage(widths[2], widths[3], blocks_per_stage, stride=2)
         self.bn1 = nn.BatchNorm2d(widths[3])
         self.fc = nn.Linear(self.num_features, num_classes)
-        self._init_weights()
-
-    def _init_weights(self) -> None:
-        # As mdistiller: convs ~ N(0, 2 / (k * k * out_channels)) (kaiming normal, fan_out), BN weight 1 and
-        # bias 0, fc bias 0 with PyTorch's default fc weight.
-        for module in self.modules():
-            if isinstance(module, nn.Conv2d):
-                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(module, nn.BatchNorm2d):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.Linear):
-                nn.init.zeros_(module.bias)
+        init_like_mdistiller(self, zero_linear_bias=True)
 
     @property
     def stages(self) -> list[WideStage]:
