@@ -1,12 +1,13 @@
 """The one LightningModule: a frozen teacher, a student and a distillation method. It knows no method by
 name: it asks the method which features it needs, runs the networks, and sums the named loss terms with
-their configured weights."""
+their configured weights and warm-ups."""
 
 import math
 from collections.abc import Callable, Mapping
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.utilities import GradClipAlgorithmType
 from timm.optim import create_optimizer_v2
 from timm.scheduler.scheduler import Scheduler as TimmScheduler
 from torch import nn
@@ -14,7 +15,7 @@ from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from kd_experiments.errors import UserError
-from kd_experiments.methods.base import DistillationMethod
+from kd_experiments.methods.compose import LossWeights, Objectives
 from kd_experiments.models.features import extract_features
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
@@ -24,7 +25,7 @@ TIMM_EPOCH_KEYS = ("t_initial", "warmup_t", "decay_t", "patience_t", "cooldown_t
 
 
 class DistillationModule(pl.LightningModule):
-    """Trains `student` with `method`'s loss terms, weighted by `loss_weights`.
+    """Trains `student` with `method`'s loss terms, weighted (and warmed up) by `loss_weights`.
 
     The teacher is kept outside the module tree (a plain attribute, not a submodule), which gives every
     freezing guarantee by construction: Lightning's `train()` calls never reach it, it is never in
@@ -35,8 +36,8 @@ class DistillationModule(pl.LightningModule):
     def __init__(
         self,
         student: nn.Module,
-        method: DistillationMethod,
-        loss_weights: Mapping[str, float],
+        method: Objectives,
+        loss_weights: LossWeights,
         optimizer: OptimizerFactory,
         num_classes: int,
         scheduler: SchedulerFactory | None = None,
@@ -44,18 +45,19 @@ class DistillationModule(pl.LightningModule):
         teacher: nn.Module | None = None,
         teacher_identity: Mapping | None = None,
         teacher_input: nn.Module | None = None,
+        clip_scaled_gradients: bool = False,
     ):
         super().__init__()
-        if set(loss_weights) != set(method.loss_terms):
+        if set(loss_weights.terms) != set(method.terms):
             raise UserError(
-                f"method {type(method).__name__} returns the loss terms {sorted(method.loss_terms)} but "
-                f"method.weights gives weights for {sorted(loss_weights)}; give exactly one weight per term"
+                f"the method returns the loss terms {sorted(method.terms)} but method.weights gives weights "
+                f"for {sorted(loss_weights.terms)}; give exactly one weight per term"
             )
         if method.teacher_features and teacher is None:
-            raise UserError(f"method {type(method).__name__} needs a teacher; configure teacher=...")
+            raise UserError(f"the method's terms {list(method.terms)} need a teacher; configure teacher=...")
         self.student = student
         self.method = method
-        self.loss_weights = dict(loss_weights)
+        self.loss_weights = loss_weights
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.scheduler_interval = scheduler_interval
@@ -63,8 +65,9 @@ class DistillationModule(pl.LightningModule):
         # The teacher's own input normalisation, when it differs from the data's (data.base.Renormalize).
         self.teacher_input = teacher_input or nn.Identity()
         self.teacher_identity = dict(teacher_identity or {})
+        self.clip_scaled_gradients = clip_scaled_gradients
 
-        self.train_means = nn.ModuleDict({name: MeanMetric() for name in (*method.loss_terms, "loss")})
+        self.train_means = nn.ModuleDict({name: MeanMetric() for name in (*method.terms, "loss")})
         self.val_top1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
         self.val_top5 = MulticlassAccuracy(num_classes, top_k=min(5, num_classes), average="micro")
         self.teacher_val_top1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
@@ -96,21 +99,17 @@ class DistillationModule(pl.LightningModule):
                 teacher_out = extract_features(self.teacher, teacher_images, self.method.teacher_features)
         student_out = extract_features(self.student, images, self.method.student_features)
         terms = self.method(student_out, teacher_out, targets)
-        loss = sum(self.loss_weights[name] * value for name, value in terms.items())
+        weights = self.loss_weights.at(self.current_epoch)
+        loss = sum(weights[name] * value for name, value in terms.items())
 
         batch_size = images.shape[0]
-        for name, value in (*terms.items(), ("loss", loss)):
+        for name, value in (*terms.items(), ("loss", loss)):  # the terms unweighted, the loss weighted
             value = value.detach()
             self.log(f"train/{name}", value, on_step=True, on_epoch=False, prog_bar=name == "loss")
             # Epoch means go through torchmetrics so that they reduce correctly across DDP ranks.
             self.train_means[name].update(value, weight=batch_size)
             self.log(f"train/{name}_epoch", self.train_means[name], on_step=False, on_epoch=True)
         return loss
-
-    def on_train_epoch_start(self) -> None:
-        for objective in self.method.modules():  # composed objectives included
-            if isinstance(objective, DistillationMethod):
-                objective.epoch = self.current_epoch
 
     def on_validation_epoch_start(self) -> None:
         self._measuring_teacher = (
@@ -153,6 +152,7 @@ class DistillationModule(pl.LightningModule):
             optimizer = self.optimizer_factory(self)
         else:
             optimizer = self.optimizer_factory([p for p in self.parameters() if p.requires_grad])
+        self._exempt_parametrized_from_weight_decay(optimizer)
         if self.scheduler_factory is None:
             return optimizer
         scheduler = self._build_scheduler(optimizer)
@@ -160,6 +160,19 @@ class DistillationModule(pl.LightningModule):
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": scheduler, "interval": self.scheduler_interval},
         }
+
+    def _exempt_parametrized_from_weight_decay(self, optimizer: torch.optim.Optimizer) -> None:
+        """Move the unconstrained tensors of parametrized weights (VkD's orthogonal projector:
+        `...parametrizations.weight.original`) into a group without weight decay. Decay is meaningless on
+        them and, for torch's default Householder map, fatal: the map multiplies by `X.diagonal().int()`,
+        so shrinking a diagonal of ones to 0.99999 makes the weight exactly zero after the first step."""
+        exempt = {id(p) for name, p in self.named_parameters() if ".parametrizations." in f".{name}"}
+        moved = []
+        for group in optimizer.param_groups:
+            moved += [p for p in group["params"] if id(p) in exempt and group.get("weight_decay", 0)]
+            group["params"] = [p for p in group["params"] if id(p) not in {id(m) for m in moved}]
+        if moved:
+            optimizer.add_param_group({"params": moved, "weight_decay": 0.0})
 
     def _build_scheduler(self, optimizer: torch.optim.Optimizer):
         """The configured scheduler. A timm schedule is written in epochs (`t_initial`, `warmup_t`, ...);
@@ -197,6 +210,24 @@ class DistillationModule(pl.LightningModule):
                 scheduler.step(epoch=self.current_epoch + 1)
         else:
             super().lr_scheduler_step(scheduler, metric)
+
+    def configure_gradient_clipping(
+        self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None
+    ) -> None:
+        """Lightning unscales AMP gradients before clipping them. With `clip_scaled_gradients`, clip as
+        code that clips the still-scaled gradients does (SRD's DeiT loop: `scaler.scale(loss).backward()`,
+        then `clip_grad_norm_(..., 15)`, no `unscale_`): a threshold c on gradients scaled by S is the
+        threshold c / S on the unscaled ones, so the clip fires whenever |g| > c / S, i.e. nearly always.
+        Without a gradient scaler (fp32, bf16) S = 1 and nothing changes."""
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        if not (self.clip_scaled_gradients and gradient_clip_val and scaler is not None):
+            self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+            return
+        # clip_gradients refuses a value other than the Trainer's: call the precision plugin directly.
+        algorithm = GradClipAlgorithmType((gradient_clip_algorithm or "norm").lower())
+        self.trainer.precision_plugin.clip_gradients(
+            optimizer, gradient_clip_val / scaler.get_scale(), algorithm
+        )
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["teacher_identity"] = self.teacher_identity

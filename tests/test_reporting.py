@@ -87,6 +87,7 @@ def test_adamw_keeps_norms_biases_and_vit_tokens_out_of_weight_decay():
     from hydra.utils import instantiate
 
     from kd_experiments.methods.ce import CrossEntropy
+    from kd_experiments.methods.compose import LossWeights, Objectives
     from kd_experiments.models import create_model
     from kd_experiments.module import DistillationModule
     from tests.conftest import compose_config
@@ -94,7 +95,8 @@ def test_adamw_keeps_norms_biases_and_vit_tokens_out_of_weight_decay():
     cfg = compose_config("optimizer=adamw", "scheduler=cosine_warmup", "trainer.max_epochs=10")
     student = create_model("deit_tiny_distilled_patch16_224", 10, img_size=32, patch_size=8, depth=1)
     module = DistillationModule(
-        student=student, method=CrossEntropy(), loss_weights={"ce": 1.0}, num_classes=10,
+        student=student, method=Objectives({"ce": CrossEntropy()}), loss_weights=LossWeights({"ce": 1.0}),
+        num_classes=10,
         optimizer=instantiate(cfg.optimizer), scheduler=instantiate(cfg.scheduler, interval=None) and None,
     )  # fmt: skip
     optimizer = module.configure_optimizers()

@@ -1,9 +1,13 @@
 """The teacher stays frozen: eval mode through training, no gradients, not in the optimizer, unchanged
 weights, and absent from the checkpoint's trainable state (which records its identity instead)."""
 
+import pytest
 import pytorch_lightning as pl
 import torch
 
+from kd_experiments.errors import UserError
+from kd_experiments.methods.ce import CrossEntropy
+from kd_experiments.methods.compose import LossWeights, Objectives
 from kd_experiments.methods.kd import HintonKD
 from kd_experiments.models import create_model
 from kd_experiments.module import DistillationModule
@@ -31,8 +35,8 @@ def build_module():
     student = create_model("convnet_narrow", num_classes=10, in_chans=1)
     module = DistillationModule(
         student=student,
-        method=HintonKD(temperature=4.0),
-        loss_weights={"ce": 0.1, "kd": 0.9},
+        method=Objectives({"ce": CrossEntropy(), "kd": HintonKD(temperature=4.0)}),
+        loss_weights=LossWeights({"ce": 0.1, "kd": 0.9}),
         optimizer=lambda params: torch.optim.SGD(params, lr=0.05, momentum=0.9),
         num_classes=10,
         teacher=teacher,
@@ -92,21 +96,38 @@ def test_teacher_follows_module_dtype_but_stays_out_of_the_tree():
 
 
 def test_configured_weights_must_match_the_method_terms():
-    from kd_experiments.errors import UserError
-
     module_args = dict(
         student=create_model("convnet_narrow", num_classes=10),
-        method=HintonKD(),
+        method=Objectives({"ce": CrossEntropy(), "kd": HintonKD()}),
         optimizer=torch.optim.SGD,
         num_classes=10,
         teacher=create_model("convnet_narrow", num_classes=10),
     )
-    try:
-        DistillationModule(loss_weights={"ce": 1.0}, **module_args)
-    except UserError as error:
-        assert "['ce', 'kd']" in str(error) and "['ce']" in str(error)
-    else:
-        raise AssertionError("a missing loss weight was accepted")
+    with pytest.raises(UserError) as missing:  # a missing loss weight
+        DistillationModule(loss_weights=LossWeights({"ce": 1.0}), **module_args)
+    assert "['ce', 'kd']" in str(missing.value) and "['ce']" in str(missing.value)
+    with pytest.raises(UserError) as extra:  # a weight for a term the method does not return
+        DistillationModule(loss_weights=LossWeights({"ce": 1.0, "kd": 1.0, "nd": 1.0}), **module_args)
+    assert "['ce', 'kd']" in str(extra.value) and "['ce', 'kd', 'nd']" in str(extra.value)
+    DistillationModule(loss_weights=LossWeights({"kd": 1.0, "ce": 1.0}), **module_args)  # any order
+
+
+def test_a_method_that_reads_the_teacher_needs_one():
+    with pytest.raises(UserError, match="need a teacher"):
+        DistillationModule(
+            student=create_model("convnet_narrow", num_classes=10),
+            method=Objectives({"ce": CrossEntropy(), "kd": HintonKD()}),
+            loss_weights=LossWeights({"ce": 1.0, "kd": 1.0}),
+            optimizer=torch.optim.SGD,
+            num_classes=10,
+        )
+    DistillationModule(  # CE alone runs without a teacher
+        student=create_model("convnet_narrow", num_classes=10),
+        method=Objectives({"ce": CrossEntropy()}),
+        loss_weights=LossWeights({"ce": 1.0}),
+        optimizer=torch.optim.SGD,
+        num_classes=10,
+    )
 
 
 def test_default_config_composes_with_the_documented_groups():

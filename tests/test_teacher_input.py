@@ -5,6 +5,8 @@ import torch
 from torch import nn
 
 from kd_experiments.data.base import Renormalize
+from kd_experiments.methods.ce import CrossEntropy
+from kd_experiments.methods.compose import LossWeights, Objectives
 from kd_experiments.methods.kd import HintonKD
 from kd_experiments.module import DistillationModule
 from tests.conftest import QUICK, run_cli
@@ -39,7 +41,8 @@ class InputRecorder(nn.Module):
 def test_only_the_teacher_sees_its_own_normalisation():
     teacher, student = InputRecorder(), InputRecorder()
     module = DistillationModule(
-        student=student, method=HintonKD(), loss_weights={"ce": 1.0, "kd": 1.0}, num_classes=3,
+        student=student, method=Objectives({"ce": CrossEntropy(), "kd": HintonKD()}),
+        loss_weights=LossWeights({"ce": 1.0, "kd": 1.0}), num_classes=3,
         optimizer=torch.optim.SGD, teacher=teacher, teacher_input=Renormalize(IMAGENET, HALF),
     )  # fmt: skip
     images = torch.zeros(2, 3, 4, 4)  # the data's mean colour

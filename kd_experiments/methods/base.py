@@ -1,4 +1,4 @@
-"""The contract between a distillation method and the training module."""
+"""The contract between a distillation objective and the training module."""
 
 import torch
 from torch import nn
@@ -7,32 +7,19 @@ from torch.utils.data import DataLoader
 from kd_experiments.errors import UserError
 from kd_experiments.models.features import NetworkOutput
 
-
-def linear_warmup(epoch: int, warmup_epochs: int, epoch_base: int = 1) -> float:
-    """Weight of a warmed-up loss term in (0-based, Lightning) epoch `epoch`: min((epoch + base) / W, 1).
-
-    `epoch_base` fixes the counting convention of the paper's code: 1 reproduces mdistiller (epochs count
-    from 1, so the first epoch already has weight 1/W), 0 reproduces the ND and ReviewKD scripts (the first
-    epoch has weight 0). `warmup_epochs=0` means no warm-up.
-    """
-    if warmup_epochs <= 0:
-        return 1.0
-    return min((epoch + epoch_base) / warmup_epochs, 1.0)
-
-
 EMBEDDING_TAPS = ("embedding", "patch_mean", "class_token")
 LOGIT_TAPS = ("logits", "distill_logits")
 
 
 def check_tap(value: str, allowed: tuple[str, ...], option: str) -> str:
-    """Validate a method option naming the feature it reads (e.g. a DeiT student's `patch_mean`)."""
+    """Validate an objective option naming the feature it reads (e.g. a DeiT student's `patch_mean`)."""
     if value not in allowed:
         raise ValueError(f"{option} must be one of {', '.join(allowed)}; got {value!r}")
     return value
 
 
 def require_class_targets(targets: torch.Tensor, method: str) -> None:
-    """Stop with one line when a method that indexes by the label gets mixed (soft) targets."""
+    """Stop with one line when an objective that indexes by the label gets mixed (soft) targets."""
     if targets.dim() != 1 or targets.is_floating_point():
         raise UserError(
             f"{method} needs class-index targets, but the batch has soft targets of shape "
@@ -41,36 +28,32 @@ def require_class_targets(targets: torch.Tensor, method: str) -> None:
 
 
 class DistillationMethod(nn.Module):
-    """Base class of every objective.
+    """Base class of every objective: one loss term.
 
-    Subclasses set
-      - `loss_terms`: the names of the terms `forward` returns (each gets a weight in the method YAML);
-      - `student_features` / `teacher_features`: which of `logits`, `embedding`, `stages` they read from each
-        network (an empty `teacher_features` means the teacher is not run during training);
-    and implement `forward(student, teacher, targets) -> {term: scalar tensor}`. Trainable parts (projectors)
-    are ordinary submodules: they reach the optimizer and move with the model; build them in `__init__` or,
+    A method YAML maps term names to objectives (`objectives: {kd: {_target_: ...HintonKD}, nd: ...}`); the
+    framework gathers them in `compose.Objectives`, adds the shared cross-entropy term `ce`, and weights
+    each term (and warms it up) with `method.weights` / `method.warmup`. An objective knows nothing of its
+    weight, its name or the epoch.
+
+    Subclasses set `student_features` / `teacher_features`, which of `models.FEATURE_KINDS` they read from
+    each network (an empty `teacher_features` means the teacher is not run for this objective), and
+    implement `forward(student, teacher, targets) -> scalar tensor`. Trainable parts (projectors) are
+    ordinary submodules: they reach the optimizer and move with the model; build them in `__init__` or,
     when their shape depends on the networks, in `setup`.
 
     Optional hooks:
-      - `adapt_student(student, student_probe, teacher_probe) -> student`: once, before `setup`, for a
-        method that changes the deployed student itself (LSHFM inserts a projection before the classifier);
+      - `adapt_student(student, student_probe, teacher_probe) -> student`: once, before `setup`, for an
+        objective that changes the deployed student itself (LSHFM puts a projection before the classifier);
       - `setup(student_probe, teacher_probe)`: once before the optimizer is built, with one small batch's
-        features from both networks (eval mode), to size projectors;
+        features from both networks (eval mode), to size projectors and check shapes;
       - `statistics_name` + `compute_teacher_statistics` + `set_teacher_statistics`: statistics of the
         teacher over the training split (ND's class centres, LSHFM's hash bias), computed once and cached by
-        the framework beside the teacher, keyed by the teacher's sha256, the data config and this name;
-      - `epoch`: the current (0-based) training epoch, kept up to date by the training module, for warm-ups
-        (see `linear_warmup`).
+        the framework beside the teacher, keyed by the teacher's sha256, the data config and this name.
     """
 
-    loss_terms: tuple[str, ...] = ()
     student_features: frozenset[str] = frozenset({"logits"})
     teacher_features: frozenset[str] = frozenset({"logits"})
     statistics_name: str | None = None
-
-    def __init__(self):
-        super().__init__()
-        self.epoch = 0
 
     def adapt_student(
         self, student: nn.Module, student_probe: NetworkOutput, teacher_probe: NetworkOutput | None
@@ -91,5 +74,5 @@ class DistillationMethod(nn.Module):
 
     def forward(
         self, student: NetworkOutput, teacher: NetworkOutput | None, targets: torch.Tensor
-    ) -> dict[str, torch.Tensor]:
+    ) -> torch.Tensor:
         raise NotImplementedError

@@ -1,4 +1,5 @@
-"""The student alone, trained with cross-entropy: the baseline every method is compared to."""
+"""Cross-entropy with the labels: the baseline every method is compared to, and the `ce` term every method
+shares (`compose.assemble` adds it whenever `method.weights.ce` is set)."""
 
 import torch
 import torch.nn.functional as F
@@ -8,12 +9,13 @@ from kd_experiments.models.features import NetworkOutput
 
 
 class CrossEntropy(DistillationMethod):
-    """L = CE(z_s, y). Targets may be class indices or class probabilities (Mixup/CutMix)."""
+    """CE(z_s, y), mean over the batch. Targets may be class indices or class probabilities
+    (Mixup/CutMix, label smoothing). For a two-headed DeiT whose distillation head another term trains,
+    z_s is the class head (see `models.features`)."""
 
-    loss_terms = ("ce",)
     teacher_features = frozenset()
 
     def forward(
         self, student: NetworkOutput, teacher: NetworkOutput | None, targets: torch.Tensor
-    ) -> dict[str, torch.Tensor]:
-        return {"ce": F.cross_entropy(student.logits, targets)}
+    ) -> torch.Tensor:
+        return F.cross_entropy(student.logits, targets)

@@ -3,7 +3,6 @@
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from kd_experiments.losses import feature_mse
@@ -12,7 +11,8 @@ from kd_experiments.models.features import NetworkOutput
 
 
 class ConvRegressor(nn.Sequential):
-    """The hint regressor of mdistiller's FitNet (`ConvReg`, methods.md d): a conv that maps the student
+    """The hint regressor of mdistiller's FitNet (`ConvReg`, megvii-research/mdistiller
+    `mdistiller/distillers/FitNet.py` and `_common.py`): a conv that maps the student
     map B×C_s×H_s×W_s to the teacher's B×C_t×H_t×W_t, then BN + ReLU (the teacher maps are post-ReLU).
 
     The conv depends on the spatial sizes: H_s = 2 H_t: 3×3, stride 2, pad 1; 2 H_s = H_t: 4×4 transposed,
@@ -39,18 +39,16 @@ class ConvRegressor(nn.Sequential):
 
 
 class FitNet(DistillationMethod):
-    """Romero et al., "FitNets: Hints for Thin Deep Nets" (ICLR 2015), the hint loss of Sec. 2.2 in
-    mdistiller's single-stage form (methods.md d).
+    """Romero et al., "FitNets: Hints for Thin Deep Nets" (ICLR 2015), the hint loss of Sec. 2.2 (Eq. 3) in
+    mdistiller's single-stage form (`mdistiller/distillers/FitNet.py`).
 
-    Terms: `ce` = CE(z_s, y) and `fitnet` = MSE_mean(r(F_s), F_t) (`losses.feature_mse`), where
+    Term `fitnet` = MSE_mean(r(F_s), F_t) (`losses.feature_mse`), where
       - `target="stage"`: F = `stages[hint_layer]` of both networks (mdistiller's feats[2] by default) and r
         a `ConvRegressor`;
       - `target="embedding"`: F = the pooled penultimate embedding and r a Linear(D_s, D_t) (LSHFM's "L2"
         baseline; LSHFM puts it inside the student before the classifier, here it is a side branch).
-    mdistiller weights CE 1 and the hint 100, with no warm-up; the YAML holds them.
+    mdistiller weights the shared CE 1 and the hint 100, with no warm-up; the YAML holds them.
     """
-
-    loss_terms = ("ce", "fitnet")
 
     def __init__(self, target: Literal["stage", "embedding"] = "stage", hint_layer: int = 2):
         super().__init__()
@@ -80,9 +78,5 @@ class FitNet(DistillationMethod):
 
     def forward(
         self, student: NetworkOutput, teacher: NetworkOutput | None, targets: torch.Tensor
-    ) -> dict[str, torch.Tensor]:
-        regressed = self.regressor(self._hint(student))
-        return {
-            "ce": F.cross_entropy(student.logits, targets),
-            "fitnet": feature_mse(regressed, self._hint(teacher)),
-        }
+    ) -> torch.Tensor:
+        return feature_mse(self.regressor(self._hint(student)), self._hint(teacher))

@@ -17,7 +17,8 @@ CLASSIFIER_ATTRIBUTES = ("fc", "head", "classifier")
 
 
 class ProjectedEmbeddingNetwork(nn.Module):
-    """A student with LSHFM's `feat_fc` (LSH-C `models/resnet.py`, methods.md d): the network's pooled
+    """A student with LSHFM's `feat_fc` (DoctorKey/LSHFM.singleclassification
+    `models/resnet.py`): the network's pooled
     embedding (D_s) -> `feat_fc` Linear(D_s, D_t) -> a new classifier `fc` Linear(D_t, K).
 
     The projection is part of the deployed student: the classifier reads the projected D_t vector, which is
@@ -35,6 +36,8 @@ class ProjectedEmbeddingNetwork(nn.Module):
         self.fc = nn.Linear(teacher_dim, num_classes)
         self.num_features = teacher_dim
         self.num_classes = num_classes
+        if hasattr(network, "fitted_input"):  # a ViT fitted to small images (models.built_name)
+            self.fitted_input = network.fitted_input
         if hasattr(network, "forward_intermediates_preact"):  # the zoo's pre-activation stages, if any
             self.forward_intermediates_preact = network.forward_intermediates_preact
 
@@ -79,23 +82,81 @@ def _masked_mean(per_sample: torch.Tensor, mask: torch.Tensor | None) -> torch.T
     return (per_sample * mask).sum() / mask.sum().clamp_min(1)
 
 
-class LSHFeatureMimicking(DistillationMethod):
-    """Wang, Ge & Wu, "Distilling Knowledge by Mimicking Features" (TPAMI 2021), methods.md (h); official
-    code DoctorKey/LSH-C (`distiller_zoo/LSH.py`, `distiller_zoo/LSH_S.py`, `train_student.py`).
+class _FeatureMimicking(DistillationMethod):
+    """What LSHFM's two terms share: the student projection before the classifier and the selective mask.
 
-    With f_s, f_t the pooled penultimate vectors (the student's projected to D_t, see below) and the frozen
-    hash layer h(f) = W f + b, W ∈ R^{N×D_t}, b ∈ R^N:
+    Student projection: if D_s ≠ D_t (or `force_projection`, the official `--force_2FC`), `adapt_student`
+    wraps the student in `ProjectedEmbeddingNetwork`: a trainable `feat_fc` Linear(D_s, D_t) before a new
+    classifier Linear(D_t, K). Unlike ND, SRD or VkD (side-branch projectors), it stays in the deployed
+    student. Adapting is idempotent, so `l2` and `lsh` together wrap the student once.
 
-      - `ce`  = CE(z_s, y);
-      - `l2`  = MSE_mean(f_s, f_t) over B×D_t                                  (paper's L2 loss);
-      - `lsh` = BCEWithLogits_mean(h(f_s), 1[h(f_t) > 0]) over B×N             (paper's LSH loss,
-        `losses.lsh_loss`);
-      total = γ·CE + β·(L2 + LSH), official CIFAR-100 γ = 1, β = 6: the YAML weights ce 1, l2 6, lsh 6.
+    `selective=True` (the official default `lshl2_s`) averages the term only over the samples the teacher
+    classifies correctly, Σ_b m_b ℓ_b / max(Σ_b m_b, 1) with m_b = 1[argmax z_t,b = y_b]; it needs
+    class-index targets. Applied to `l2` and `lsh` separately, their weighted sum is exactly the official
+    per-sample formulation.
+    """
 
-    `selective=True` is the official default `lshl2_s`: each sample's loss mean_d (f_s − f_t)² + mean_n BCE
-    is averaged only over the samples the teacher classifies correctly, Σ_b m_b ℓ_b / max(Σ_b m_b, 1) with
-    m_b = 1[argmax z_t,b = y_b]. The same masked average is applied to `l2` and `lsh` separately, so their
-    weighted sum is exactly the official per-sample formulation. It needs class-index targets.
+    student_features = frozenset({"logits", "embedding"})
+    teacher_features = frozenset({"logits", "embedding"})  # logits: the selective mask
+
+    def __init__(self, selective: bool = True, force_projection: bool = False):
+        super().__init__()
+        self.selective, self.force_projection = selective, force_projection
+
+    def adapt_student(
+        self, student: nn.Module, student_probe: NetworkOutput, teacher_probe: NetworkOutput | None
+    ) -> nn.Module:
+        if isinstance(student, ProjectedEmbeddingNetwork):  # the other LSHFM term adapted it already
+            return student
+        if teacher_probe is None or teacher_probe.embedding is None:
+            raise ValueError("LSHFM needs the teacher's embedding to size the student projection")
+        student_dim = student_probe.embedding.shape[1]
+        teacher_dim = teacher_probe.embedding.shape[1]
+        if student_dim == teacher_dim and not self.force_projection:
+            return student
+        num_classes = student_probe.logits.shape[1]
+        return ProjectedEmbeddingNetwork(student, student_dim, teacher_dim, num_classes)
+
+    def _embeddings_and_mask(self, student: NetworkOutput, teacher: NetworkOutput, targets: torch.Tensor):
+        student_emb, teacher_emb = student.embedding, teacher.embedding.detach()
+        if student_emb.shape != teacher_emb.shape:
+            raise ValueError(
+                f"LSHFM: student embedding {tuple(student_emb.shape)} vs teacher {tuple(teacher_emb.shape)}; "
+                "the student must be adapted (adapt_student adds feat_fc) before training"
+            )
+        mask = None
+        if self.selective:
+            # The selective mask compares the teacher's prediction with the label (or use selective=false).
+            require_class_targets(targets, "LSHFM (selective)")
+            mask = teacher.logits.argmax(dim=1) == targets
+        return student_emb, teacher_emb, mask
+
+
+class L2Mimicking(_FeatureMimicking):
+    """Wang, Ge & Wu, "Distilling Knowledge by Mimicking Features" (TPAMI 2021), Sec. 3.2, the L2 loss on
+    the penultimate feature; official code DoctorKey/LSHFM.singleclassification (`distiller_zoo/L2.py`,
+    `distiller_zoo/LSH_S.py`, `train_student.py`).
+
+    Term `l2` = MSE_mean(f_s, f_t) over B×D_t, f_s the student's (projected) pooled vector, f_t the
+    teacher's. Alone (conf/method/l2.yaml, LSHFM's "L2" baseline, `--distill l2`) it is CE + 6 · L2.
+    """
+
+    def forward(
+        self, student: NetworkOutput, teacher: NetworkOutput | None, targets: torch.Tensor
+    ) -> torch.Tensor:
+        student_emb, teacher_emb, mask = self._embeddings_and_mask(student, teacher, targets)
+        per_sample = F.mse_loss(student_emb, teacher_emb, reduction="none").mean(dim=1)
+        return _masked_mean(per_sample, mask)
+
+
+class LSHMimicking(_FeatureMimicking):
+    """Wang, Ge & Wu, "Distilling Knowledge by Mimicking Features" (TPAMI 2021), Sec. 3.3, the LSH loss;
+    official code DoctorKey/LSHFM.singleclassification (`distiller_zoo/LSH.py`, `distiller_zoo/LSH_S.py`,
+    `train_student.py`).
+
+    With the frozen hash layer h(f) = W f + b, W ∈ R^{N×D_t}, b ∈ R^N, term `lsh` =
+    BCEWithLogits_mean(h(f_s), 1[h(f_t) > 0]) over B×N (`losses.lsh_loss`). The official CIFAR-100 total
+    is γ·CE + β·(L2 + LSH) with γ = 1, β = 6: conf/method/lshfm.yaml weights ce 1, l2 6, lsh 6.
 
     Hash layer (frozen buffers, never parameters): N = `num_hashes`, or 32·D_t when null (CIFAR default);
     W_ij ~ N(0, std²) drawn from a generator seeded with `hash_seed`; `std` null = the standard deviation
@@ -105,18 +166,10 @@ class LSHFeatureMimicking(DistillationMethod):
     W and b are teacher statistics: computed once in an eval-mode teacher pass over the training loader
     (with training augmentation, as the official code does) and cached by the framework beside the teacher.
 
-    Student projection: if D_s ≠ D_t (or `force_projection`, the official `--force_2FC`), `adapt_student`
-    wraps the student in `ProjectedEmbeddingNetwork`: a trainable `feat_fc` Linear(D_s, D_t) before a new
-    classifier Linear(D_t, K). Unlike ND, SRD or VkD (side-branch projectors), it stays in the deployed
-    student. The teacher runs in eval mode without gradients (module.py).
-
-    Reported model: LSHFM reports the average of the weights of the last 10 epochs: run with
-    `report=weight_average average_epochs=10` (the LSHFM recipe does) to report the same.
+    Reported model: LSHFM's code scores the average of the weights of the last 10 epochs
+    (`train_student.py`, `imagenet_lsh.py`): `report=weight_average average_epochs=10`, as the LSHFM
+    recipe sets.
     """
-
-    loss_terms = ("ce", "l2", "lsh")
-    student_features = frozenset({"logits", "embedding"})
-    teacher_features = frozenset({"logits", "embedding"})  # logits: the selective mask
 
     def __init__(
         self,
@@ -127,15 +180,14 @@ class LSHFeatureMimicking(DistillationMethod):
         hash_seed: int = 0,
         force_projection: bool = False,
     ):
-        super().__init__()
+        super().__init__(selective, force_projection)
         if bias not in BIAS_MODES:
             raise ValueError(f"LSHFM bias must be one of {', '.join(BIAS_MODES)}, got {bias!r}")
         if num_hashes is not None and num_hashes < 1:
             raise ValueError(f"LSHFM num_hashes must be positive or null (32 * D_t), got {num_hashes}")
         if std is not None and std <= 0:
             raise ValueError(f"LSHFM std must be positive or null (teacher fc weight std), got {std}")
-        self.selective, self.num_hashes, self.std, self.bias = selective, num_hashes, std, bias
-        self.hash_seed, self.force_projection = hash_seed, force_projection
+        self.num_hashes, self.std, self.bias, self.hash_seed = num_hashes, std, bias, hash_seed
         # Every value the statistics depend on besides the teacher and the data (both in the cache key).
         self.statistics_name = f"lsh_hash-{bias}-n{num_hashes or 'auto'}-std{std or 'fc'}-seed{hash_seed}"
         # Non-persistent, like ND's class centres: they are teacher statistics, not student weights. The
@@ -146,18 +198,6 @@ class LSHFeatureMimicking(DistillationMethod):
         self.register_buffer("hash_weight", torch.empty(0), persistent=False)
         self.register_buffer("hash_bias", torch.empty(0), persistent=False)
 
-    def adapt_student(
-        self, student: nn.Module, student_probe: NetworkOutput, teacher_probe: NetworkOutput | None
-    ) -> nn.Module:
-        if teacher_probe is None or teacher_probe.embedding is None:
-            raise ValueError("LSHFM needs the teacher's embedding to size the student projection")
-        student_dim = student_probe.embedding.shape[1]
-        teacher_dim = teacher_probe.embedding.shape[1]
-        if student_dim == teacher_dim and not self.force_projection:
-            return student
-        num_classes = student_probe.logits.shape[1]
-        return ProjectedEmbeddingNetwork(student, student_dim, teacher_dim, num_classes)
-
     def compute_teacher_statistics(
         self, teacher: nn.Module, train_loader: DataLoader
     ) -> dict[str, torch.Tensor]:
@@ -166,7 +206,7 @@ class LSHFeatureMimicking(DistillationMethod):
         if self.std is None and not isinstance(classifier_weight, torch.Tensor):
             raise UserError(
                 f"LSHFM: the teacher {type(teacher).__name__} has no classifier weight to take the hash "
-                "std from; set method.objective.std"
+                "std from; set method.objectives.lsh.std"
             )
         std = self.std if self.std is not None else classifier_weight.detach().float().std().item()
 
@@ -204,26 +244,9 @@ class LSHFeatureMimicking(DistillationMethod):
 
     def forward(
         self, student: NetworkOutput, teacher: NetworkOutput | None, targets: torch.Tensor
-    ) -> dict[str, torch.Tensor]:
+    ) -> torch.Tensor:
         if self.hash_weight.numel() == 0:
             raise RuntimeError("LSHFM: the hash layer is not set; call set_teacher_statistics first")
-        student_emb, teacher_emb = student.embedding, teacher.embedding.detach()
-        if student_emb.shape != teacher_emb.shape:
-            raise ValueError(
-                f"LSHFM: student embedding {tuple(student_emb.shape)} vs teacher {tuple(teacher_emb.shape)}; "
-                "the student must be adapted (adapt_student adds feat_fc) before training"
-            )
-        mask = None
-        if self.selective:
-            # The selective mask compares the teacher's prediction with the label (or use selective=false).
-            require_class_targets(targets, "LSHFM (selective)")
-            mask = teacher.logits.argmax(dim=1) == targets
-        per_sample_l2 = F.mse_loss(student_emb, teacher_emb, reduction="none").mean(dim=1)
-        per_sample_lsh = lsh_loss(
-            student_emb, teacher_emb, self.hash_weight, self.hash_bias, reduction="none"
-        )
-        return {
-            "ce": F.cross_entropy(student.logits, targets),
-            "l2": _masked_mean(per_sample_l2, mask),
-            "lsh": _masked_mean(per_sample_lsh, mask),
-        }
+        student_emb, teacher_emb, mask = self._embeddings_and_mask(student, teacher, targets)
+        per_sample = lsh_loss(student_emb, teacher_emb, self.hash_weight, self.hash_bias, reduction="none")
+        return _masked_mean(per_sample, mask)

@@ -5,7 +5,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from kd_experiments.losses import nd_loss
-from kd_experiments.methods.base import EMBEDDING_TAPS, DistillationMethod, check_tap, linear_warmup
+from kd_experiments.methods.base import EMBEDDING_TAPS, DistillationMethod, check_tap
 from kd_experiments.models.features import NetworkOutput, extract_features
 
 
@@ -28,8 +28,10 @@ class EmbeddingProjector(nn.Sequential):
 
 class NormDirection(DistillationMethod):
     """Wang et al., "Improving Knowledge Distillation via Regularizing Feature Norm and Direction" (ICCV
-    2023); math in `losses.nd_loss`. Term: `nd`. Add it to a base objective (KD++, DKD++, DIST++) with
-    `Compose`; on its own it does not train the classifier.
+    2023), Eq. 7 (`losses.nd_loss`); official code WangYZ1608/Knowledge-Distillation-via-ND
+    `CIFAR/utils.py` (`DirectNormLoss`). Term: `nd`, added beside a base objective (KD++ = {kd, nd},
+    DKD++, DIST++, ReviewKD++); on its own it does not train the classifier. The ImageNet DKD++ script
+    warms it up with the DKD term (`method.warmup.nd`).
 
     Teacher statistics: the per-class mean of the teacher's embedding over the training split (training
     augmentation, eval mode, one pass), computed once and cached by the framework.
@@ -40,23 +42,14 @@ class NormDirection(DistillationMethod):
     `class_token` or `patch_mean`.
     """
 
-    loss_terms = ("nd",)
     student_features = frozenset({"embedding"})
     teacher_features = frozenset({"embedding"})
     statistics_name = "class_centers"
 
-    def __init__(
-        self,
-        warmup_epochs: int = 0,
-        warmup_epoch_base: int = 0,
-        projector_init: str = "cifar",
-        student_embedding: str = "embedding",
-    ):
+    def __init__(self, projector_init: str = "cifar", student_embedding: str = "embedding"):
         super().__init__()
         self.student_embedding = check_tap(student_embedding, EMBEDDING_TAPS, "student_embedding")
         self.student_features = frozenset({student_embedding})
-        # ND is not warmed up in the CIFAR scripts; the ImageNet DKD++ script warms it with DKD (5 epochs).
-        self.warmup_epochs, self.warmup_epoch_base = warmup_epochs, warmup_epoch_base
         self.projector_init = projector_init
         self.projector: nn.Module = nn.Identity()
         self.register_buffer("class_centers", torch.empty(0), persistent=False)
@@ -90,7 +83,6 @@ class NormDirection(DistillationMethod):
 
     def forward(
         self, student: NetworkOutput, teacher: NetworkOutput | None, targets: torch.Tensor
-    ) -> dict[str, torch.Tensor]:
+    ) -> torch.Tensor:
         projected = self.projector(getattr(student, self.student_embedding))
-        warmup = linear_warmup(self.epoch, self.warmup_epochs, self.warmup_epoch_base)
-        return {"nd": warmup * nd_loss(projected, teacher.embedding, targets, self.class_centers)}
+        return nd_loss(projected, teacher.embedding, targets, self.class_centers)

@@ -6,12 +6,13 @@ from torch import nn
 
 from kd_experiments.errors import UserError
 from kd_experiments.losses import hcl_loss
-from kd_experiments.methods.base import DistillationMethod, linear_warmup
+from kd_experiments.methods.base import DistillationMethod
 from kd_experiments.models.features import NetworkOutput
 
 
 class AttentionFusion(nn.Module):
-    """One ABF block (Chen et al. 2021, Sec. 3.2; methods.md c): a 1×1 conv to `mid_channels`; at every level
+    """One ABF block (Chen et al. 2021, Sec. 3.2, Fig. 3; mdistiller
+    `mdistiller/distillers/ReviewKD.py`, `ABF`): a 1×1 conv to `mid_channels`; at every level
     but the deepest, a fusion with the (nearest-upsampled) residual from the deeper level, weighted per pixel
     by two sigmoid attention maps; nearest upsampling to the teacher's spatial size when it differs; a 3×3
     conv to the teacher's channels gives this level's prediction. Returns (prediction, residual)."""
@@ -43,7 +44,8 @@ class AttentionFusion(nn.Module):
 
 
 class ReviewKD(DistillationMethod):
-    """Chen et al., "Distilling Knowledge via Knowledge Review" (CVPR 2021), as in mdistiller (methods.md c).
+    """Chen et al., "Distilling Knowledge via Knowledge Review" (CVPR 2021), Eq. 6 (HCL over the ABF
+    outputs), as in mdistiller `mdistiller/distillers/ReviewKD.py` and dvlab-research/ReviewKD.
 
     Levels: each stage's map (the stem dropped) plus the pooled embedding as a C×1×1 map, shallow to deep.
     Student levels are post-ReLU (`student_preact=False`, CIFAR) or pre-ReLU (`True`, the ImageNet setting);
@@ -51,25 +53,20 @@ class ReviewKD(DistillationMethod):
     first through a chain of `AttentionFusion` blocks (mid channels = min(512, deepest student channels));
     each block's prediction is matched to the teacher level of the same depth.
 
-    Terms: `ce` = CE(z_s, y); `reviewkd` = min((epoch + base) / W, 1) · HCL (`losses.hcl_loss`, summed over
-    levels). mdistiller: CE 1, λ 5 (res32x4 -> res8x4), W = 20 epochs counted from 1. The ABF chain is a
-    side branch, discarded after training.
+    Term `reviewkd` = HCL (`losses.hcl_loss`, summed over levels). mdistiller: the shared CE 1, λ 5 (res32x4
+    -> res8x4), warmed up over 20 epochs counted from 1 (`method.warmup.reviewkd`). The ABF chain is a side
+    branch, discarded after training.
     """
-
-    loss_terms = ("ce", "reviewkd")
 
     def __init__(
         self,
         student_preact: bool = False,
         teacher_preact: bool = True,
         max_mid_channels: int = 512,
-        warmup_epochs: int = 20,
-        warmup_epoch_base: int = 1,
     ):
         super().__init__()
         self.student_preact, self.teacher_preact = student_preact, teacher_preact
         self.max_mid_channels = max_mid_channels
-        self.warmup_epochs, self.warmup_epoch_base = warmup_epochs, warmup_epoch_base
         self.student_features = frozenset({"logits", "embedding", self._stage_kind(student_preact)})
         self.teacher_features = frozenset({"embedding", self._stage_kind(teacher_preact)})
         self.fusions = nn.ModuleList()
@@ -113,10 +110,6 @@ class ReviewKD(DistillationMethod):
 
     def forward(
         self, student: NetworkOutput, teacher: NetworkOutput | None, targets: torch.Tensor
-    ) -> dict[str, torch.Tensor]:
+    ) -> torch.Tensor:
         predictions = self.review(self._levels(student, self.student_preact))
-        warmup = linear_warmup(self.epoch, self.warmup_epochs, self.warmup_epoch_base)
-        return {
-            "ce": F.cross_entropy(student.logits, targets),
-            "reviewkd": warmup * hcl_loss(predictions, self._levels(teacher, self.teacher_preact)),
-        }
+        return hcl_loss(predictions, self._levels(teacher, self.teacher_preact))

@@ -6,15 +6,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kd_experiments.losses import kd_loss, srd_loss
-from kd_experiments.methods.base import EMBEDDING_TAPS, LOGIT_TAPS, DistillationMethod, check_tap
+from kd_experiments.losses import srd_loss
+from kd_experiments.methods.base import EMBEDDING_TAPS, DistillationMethod, check_tap
 from kd_experiments.models.features import NetworkOutput
 
 
 def _srd_correlation_loss(
     projected_student: torch.Tensor, teacher_emb: torch.Tensor, exponent: float, eps: float
 ) -> torch.Tensor:
-    """The earlier SRD distance (methods.md e.2; SRD `deit/models.py` `DistillationLoss.forward`):
+    """The earlier SRD distance (roymiles/Simple-Recipe-Distillation `deit/models.py`,
+    `DistillationLoss.forward`):
 
         rho_j = (1/B) sum_b bn(s)_bj * bn(t)_bj,   L = log( sum_j |rho_j - 1|^p + 1e-5 )
 
@@ -34,42 +35,37 @@ def _srd_correlation_loss(
 
 class SimpleRecipeDistillation(DistillationMethod):
     """Miles & Mikolajczyk, "Understanding the Role of the Projector in Knowledge Distillation" (AAAI 2024),
-    in the form of the official ImageNet code's final commit (methods.md e.1).
+    the representation term of the official ImageNet code's final commit (roymiles/Simple-Recipe-Distillation
+    `imagenet/torchdistill/losses/single.py`, `OurDistillationLoss`):
 
-    A DeiT student reads as in the official DeiT code: `student_embedding="patch_mean"` (the mean of the
-    patch tokens) for the feature term and `kd_logits="distill_logits"` (the second head) for the KL term;
-    the CE term always trains the class head.
+        srd = log sum_{b,j} |bn(W f_s + c)_bj - bn(f_t)_bj|^p   (`losses.srd_loss`, p = 4)
 
-    Terms:
-      - `ce` = CE(z_s, y);
-      - `kd` = KL(softmax(z_t) || softmax(z_s)) at T = 1 (batchmean);
-      - `srd` = log sum_{b,j} |bn(W f_s + c)_bj - bn(f_t)_bj|^p (`losses.srd_loss`), or with
-        `distance="correlation"` the earlier form log sum_j |rho_j - 1|^p (methods.md e.2).
-    The official total is 1 * CE + 1 * KL + 2 * log-sum; the YAML holds those weights.
+    or, with `distance="correlation"`, the earlier form of the first commit and of the DeiT code
+    (`deit/models.py`, `DistillationLoss.forward`): log sum_j |rho_j - 1|^p. The official total is 1 * CE +
+    1 * KL(T=1) + 2 * srd: the method YAML adds the shared `ce` and a `kd` term (`HintonKD` at T = 1) and
+    holds the weights.
 
-    The projector Linear(D_s, D_t) with bias is a side branch: the student's classifier reads the raw
-    embedding, and the projector is discarded after training.
+    `student_embedding` names the student feature: `embedding` (the pooled vector), or for a DeiT student
+    `patch_mean` (the mean of the patch tokens, as SRD's DeiT code); the YAML takes it from the student
+    config (`student.taps.feature`). The projector Linear(D_s, D_t) with bias is a side branch: the
+    student's classifier reads the raw embedding, and the projector is discarded after training.
     """
 
-    loss_terms = ("ce", "kd", "srd")
-    teacher_features = frozenset({"logits", "embedding"})
+    teacher_features = frozenset({"embedding"})
 
     def __init__(
         self,
         exponent: float = 4.0,
         eps: float = 1e-4,
         distance: Literal["logsum", "correlation"] = "logsum",
-        temperature: float = 1.0,
         student_embedding: str = "embedding",
-        kd_logits: str = "logits",
     ):
         super().__init__()
         self.student_embedding = check_tap(student_embedding, EMBEDDING_TAPS, "student_embedding")
-        self.kd_logits = check_tap(kd_logits, LOGIT_TAPS, "kd_logits")
-        self.student_features = frozenset({"logits", student_embedding, kd_logits})
+        self.student_features = frozenset({student_embedding})
         if distance not in ("logsum", "correlation"):
             raise ValueError(f"SRD distance must be 'logsum' or 'correlation', got {distance!r}")
-        self.exponent, self.eps, self.distance, self.temperature = exponent, eps, distance, temperature
+        self.exponent, self.eps, self.distance = exponent, eps, distance
         self.projector: nn.Module = nn.Identity()
 
     def setup(self, student_probe: NetworkOutput, teacher_probe: NetworkOutput | None) -> None:
@@ -80,14 +76,8 @@ class SimpleRecipeDistillation(DistillationMethod):
 
     def forward(
         self, student: NetworkOutput, teacher: NetworkOutput | None, targets: torch.Tensor
-    ) -> dict[str, torch.Tensor]:
+    ) -> torch.Tensor:
         projected = self.projector(getattr(student, self.student_embedding))
         if self.distance == "logsum":
-            representation = srd_loss(projected, teacher.embedding, self.exponent, self.eps)
-        else:
-            representation = _srd_correlation_loss(projected, teacher.embedding, self.exponent, self.eps)
-        return {
-            "ce": F.cross_entropy(student.logits, targets),
-            "kd": kd_loss(getattr(student, self.kd_logits), teacher.logits, self.temperature),
-            "srd": representation,
-        }
+            return srd_loss(projected, teacher.embedding, self.exponent, self.eps)
+        return _srd_correlation_loss(projected, teacher.embedding, self.exponent, self.eps)
