@@ -70,7 +70,10 @@ def top1_on(model: torch.nn.Module, loader, device: torch.device, prepare=None) 
 
 class WeightAveraging(pl.Callback):
     """The mean of the student's weights (and BN buffers) over the last `epochs` training epochs, scored
-    on the validation split after training: LSHFM's reported model (methods.md 0, LSH-C `train_student.py`).
+    on the validation split after training: LSHFM's reported model (DoctorKey/LSHFM.singleclassification
+    `train_student.py`, `imagenet_lsh.py`). There the sum starts from a `state_dict()` that aliases the live
+    weights, so it counts the second averaged epoch twice and the first not at all; here each of the last
+    `epochs` epochs counts once.
 
     The averaged student is saved as `averaged_student.pt` (a plain state_dict) under `output_dir`;
     `top1` holds its validation top-1 (%).
@@ -103,7 +106,8 @@ class WeightAveraging(pl.Callback):
 
 class StudentEMA(pl.Callback):
     """An exponential moving average of the student's weights, updated after every optimizer step with
-    `decay` (timm's `ModelEmaV3`, buffers averaged too): DeiT's `--model-ema` (decay 0.99996, methods.md i).
+    `decay` (timm's `ModelEmaV3`, buffers averaged too): DeiT's `--model-ema` (decay 0.99996,
+    facebookresearch/deit `main.py`).
     As in DeiT, the EMA is kept beside the trained student, not in its place: validation and the
     `last`/`best` numbers score the student itself; after training the EMA is scored once on the
     validation split (`top1`, reported as `student_top1_ema`, or as the result with `report: ema`) and

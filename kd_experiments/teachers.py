@@ -36,11 +36,31 @@ CACHE_WAIT_DEFAULT_S = 24 * 3600  # rank zero may be training a teacher, which c
 CACHE_POLL_S = 2.0
 
 
-def build_teacher(
-    teacher_cfg: DictConfig, dataset_cfg: DictConfig, datamodule: ClassificationData, cache_dir: str
-) -> tuple[nn.Module, dict]:
-    """Return the teacher (weights loaded, frozen, eval mode) and its identity (arch, source, sha256)."""
-    arch = teacher_cfg.arch
+def create_network(role: str, model_cfg: DictConfig, image_size: int, pretrained=False) -> nn.Module:
+    """The `teacher` or `student` network of `model_cfg` (`arch`, `num_classes`, `in_chans`, `model_kwargs`),
+    built for the data's `image_size` (a ViT is fitted to it, see `models.create_model`); any failure to
+    build it is one line naming the model."""
+    arch = model_cfg.arch
+    try:
+        return create_model(
+            arch,
+            num_classes=model_cfg.num_classes,
+            pretrained=pretrained,
+            in_chans=model_cfg.in_chans,
+            image_size=image_size,
+            **model_kwargs(model_cfg),
+        )
+    except UserError:
+        raise
+    except Exception as error:  # a hub download or a timm kwarg failing: say which model and why
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        where = f" (pretrained={pretrained!r})" if pretrained else ""
+        raise UserError(f"could not build {role} {arch}{where}: {first_line}") from None
+
+
+def teacher_weight_source(teacher_cfg: DictConfig) -> str:
+    """Which of `teacher.checkpoint`, `teacher.pretrained`, `teacher.weights=random` or on-the-fly
+    training gives the teacher's weights; one line when the config names none or several."""
     sources = {
         "teacher.checkpoint": teacher_cfg.get("checkpoint"),
         "teacher.pretrained": teacher_cfg.get("pretrained"),
@@ -52,30 +72,49 @@ def build_teacher(
     weights = sources["teacher.weights"]
     if weights is not None and weights != "random":
         raise UserError(f"teacher.weights accepts only 'random' (benchmarks), got {weights!r}")
+    if given:
+        return given[0]
+    if teacher_cfg.get("train_if_missing"):
+        return "train"
+    raise UserError(
+        f"no weights for teacher {teacher_cfg.arch}: set teacher.checkpoint=PATH, teacher.pretrained=TAG, "
+        "teacher.train_if_missing=true (train with CE and cache), or teacher.weights=random"
+    )
 
-    pretrained = sources["teacher.pretrained"] or False
-    model = _create(arch, teacher_cfg, pretrained)
+
+def build_teacher(
+    teacher_cfg: DictConfig,
+    dataset_cfg: DictConfig,
+    datamodule: ClassificationData,
+    cache_dir: str,
+    network: nn.Module | None = None,
+) -> tuple[nn.Module, dict]:
+    """Return the teacher (weights loaded, frozen, eval mode) and its identity (arch, source, sha256).
+
+    `network` is the teacher architecture already built (and probed) with random weights; the weights are
+    loaded into it, except timm's pretrained ones, for which timm builds the network anew."""
+    arch = teacher_cfg.arch
+    source = teacher_weight_source(teacher_cfg)
+    if source == "teacher.pretrained" or network is None:
+        pretrained = teacher_cfg.pretrained if source == "teacher.pretrained" else False
+        network = create_network("teacher", teacher_cfg, datamodule.image_size, pretrained)
+    model = network
     identity = {"arch": arch, "num_classes": teacher_cfg.num_classes}
-    if sources["teacher.checkpoint"] is not None:
-        path = Path(sources["teacher.checkpoint"]).expanduser()
+    if source == "teacher.checkpoint":
+        path = Path(teacher_cfg.checkpoint).expanduser()
         load_weights(model, read_state_dict(path), arch, str(path))
         identity |= {"source": "checkpoint", "path": str(path.resolve()), "sha256": file_sha256(path)}
-    elif pretrained:
-        tag = "default" if pretrained is True else pretrained
+    elif source == "teacher.pretrained":
+        tag = "default" if teacher_cfg.pretrained is True else teacher_cfg.pretrained
         identity |= {"source": f"timm:{tag}", "sha256": state_dict_sha256(model.state_dict())}
-    elif weights == "random":
+    elif source == "teacher.weights":
         log.warning(
             "TEACHER WEIGHTS ARE RANDOM (teacher.weights=random): distillation results are meaningless; "
             "use this only for benchmarks"
         )
         identity |= {"source": "random", "sha256": state_dict_sha256(model.state_dict())}
-    elif teacher_cfg.get("train_if_missing"):
-        identity |= _cached_or_trained(model, teacher_cfg, dataset_cfg, datamodule, Path(cache_dir))
     else:
-        raise UserError(
-            f"no weights for teacher {arch}: set teacher.checkpoint=PATH, teacher.pretrained=TAG, "
-            "teacher.train_if_missing=true (train with CE and cache), or teacher.weights=random"
-        )
+        identity |= _cached_or_trained(model, teacher_cfg, dataset_cfg, datamodule, Path(cache_dir))
     return model.eval().requires_grad_(False), identity
 
 
@@ -83,23 +122,6 @@ def model_kwargs(model_cfg: DictConfig) -> dict:
     """Extra keyword arguments for create_model from a teacher/student config (`model_kwargs`)."""
     extra = model_cfg.get("model_kwargs")
     return {} if extra is None else OmegaConf.to_container(extra, resolve=True)
-
-
-def _create(arch: str, teacher_cfg: DictConfig, pretrained) -> nn.Module:
-    kwargs = model_kwargs(teacher_cfg)
-    try:
-        return create_model(
-            arch,
-            num_classes=teacher_cfg.num_classes,
-            pretrained=pretrained,
-            in_chans=teacher_cfg.in_chans,
-            **kwargs,
-        )
-    except UserError:
-        raise
-    except Exception as error:  # a hub download or a timm kwarg failing: say which teacher and why
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise UserError(f"could not build teacher {arch} (pretrained={pretrained!r}): {first_line}") from None
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -252,13 +274,14 @@ def _train_with_cross_entropy(
     # Imported here: the module imports this file's siblings, and teacher training is the rare path.
     from kd_experiments.callbacks import progress_bar
     from kd_experiments.methods.ce import CrossEntropy
+    from kd_experiments.methods.compose import LossWeights, Objectives
     from kd_experiments.module import DistillationModule
 
     pl.seed_everything(seed, workers=True, verbose=False)
     module = DistillationModule(
         student=model,
-        method=CrossEntropy(),
-        loss_weights={"ce": 1.0},
+        method=Objectives({"ce": CrossEntropy()}),
+        loss_weights=LossWeights({"ce": 1.0}),
         optimizer=instantiate(recipe.optimizer),
         scheduler=instantiate(recipe.scheduler) if recipe.get("scheduler") else None,
         num_classes=datamodule.num_classes,

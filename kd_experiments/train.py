@@ -6,6 +6,7 @@ import os
 import tempfile
 import time
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -17,6 +18,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
 from pytorch_lightning.utilities import rank_zero_only
+from pytorch_lightning.utilities.seed import isolate_rng
 from rich.console import Console
 from rich.table import Table
 
@@ -24,14 +26,16 @@ from kd_experiments.callbacks import StudentEMA, TrainThroughput, WeightAveragin
 from kd_experiments.data.base import ClassificationData, Renormalize
 from kd_experiments.errors import UserError
 from kd_experiments.loggers import finish_logger
-from kd_experiments.models import create_model, extract_features
+from kd_experiments.methods.compose import LossWeights, Objectives, assemble
+from kd_experiments.models import built_name, extract_features
 from kd_experiments.models.features import has_distill_head
 from kd_experiments.module import DistillationModule
 from kd_experiments.teachers import (
     build_teacher,
     check_teacher_reference,
-    model_kwargs,
+    create_network,
     prepare_teacher_statistics,
+    teacher_weight_source,
 )
 
 log = logging.getLogger(__name__)
@@ -85,77 +89,70 @@ def _fit(cfg: DictConfig, output_dir: Path) -> dict:
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule: ClassificationData = build(cfg.dataset, "dataset")
     datamodule.setup("fit")
-    if cfg.dataset.get("num_classes") is None:  # counted from the data (imagefolder); models interpolate it
-        cfg.dataset.num_classes = datamodule.num_classes
-    for role in ("teacher", "student"):
-        if cfg[role].num_classes != datamodule.num_classes:
-            raise UserError(
-                f"{role}.num_classes={cfg[role].num_classes} but dataset {cfg.dataset.name} has "
-                f"{datamodule.num_classes} classes; set {role}.num_classes={datamodule.num_classes}"
-            )
+    _check_class_counts(cfg, datamodule)
 
-    teacher, teacher_identity = build_teacher(
-        cfg.teacher, cfg.dataset, datamodule, cfg.paths.teacher_cache_dir
-    )
-    teacher_input = _teacher_input(cfg.teacher, datamodule) if teacher is not None else None
-    teacher_reference_top1 = (
-        check_teacher_reference(teacher, cfg.teacher, datamodule, teacher_input)
-        if teacher is not None
+    # Cheap first: both networks and the method, probed with one batch, so that a shape or feature mistake
+    # stops the run in seconds, before a teacher is trained or downloaded and before any statistics pass.
+    teacher_weight_source(cfg.teacher)
+    pl.seed_everything(cfg.teacher.seed, workers=True, verbose=False)  # a trained teacher's init
+    teacher_network = create_network("teacher", cfg.teacher, datamodule.image_size)
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    student = create_network("student", cfg.student, datamodule.image_size)
+    _init_classifier(student, cfg.student.get("classifier_init"))
+    method, loss_weights = build_method(cfg.method)
+    teacher_input = _teacher_input(cfg.teacher, datamodule)
+    student = _setup_method(method, student, teacher_network, datamodule, teacher_input)
+    optimizer = build_factory(cfg.optimizer, "optimizer", lambda make: make(_dummy_parameters()))
+    scheduler_cfg = OmegaConf.to_container(cfg.scheduler, resolve=True) if cfg.scheduler else {}
+    scheduler_interval = scheduler_cfg.pop("interval", "epoch")
+    scheduler = (
+        build_factory(
+            scheduler_cfg, "scheduler", lambda make: make(torch.optim.SGD(_dummy_parameters(), lr=0.1))
+        )
+        if scheduler_cfg
         else None
     )
-    # Re-seed so that the student's initialisation does not depend on how the teacher was obtained.
-    pl.seed_everything(cfg.seed, workers=True, verbose=False)
-    student = create_model(
-        cfg.student.arch,
-        num_classes=cfg.student.num_classes,
-        pretrained=cfg.student.get("pretrained") or False,
-        in_chans=cfg.student.in_chans,
-        **model_kwargs(cfg.student),
-    )
-    method = build(cfg.method.objective, "method.objective")
-    student = _setup_method(method, student, teacher, datamodule, teacher_input)
-    if teacher is not None:
+    report, ema_decay = cfg.get("report", "last"), cfg.get("ema_decay")
+    if report not in REPORT_PROTOCOLS:
+        raise UserError(f"report={report!r} is not one of {', '.join(REPORT_PROTOCOLS)}")
+    if report == "ema" and ema_decay is None:
+        raise UserError("report=ema needs an EMA of the student: set ema_decay, e.g. ema_decay=0.99996")
+
+    # The expensive part, in its own RNG scope: whether the teacher is trained, read from the cache or
+    # downloaded, and whether statistics are computed or read, the student trains on the same random stream.
+    with isolate_rng():
+        teacher, teacher_identity = build_teacher(
+            cfg.teacher, cfg.dataset, datamodule, cfg.paths.teacher_cache_dir, teacher_network
+        )
+        teacher_reference_top1 = check_teacher_reference(teacher, cfg.teacher, datamodule, teacher_input)
         prepare_teacher_statistics(
             method, teacher, teacher_identity, cfg.dataset, datamodule, cfg.paths.teacher_cache_dir,
             teacher_input,
         )  # fmt: skip
 
-    scheduler_cfg = OmegaConf.to_container(cfg.scheduler, resolve=True) if cfg.scheduler else {}
-    scheduler_interval = scheduler_cfg.pop("interval", "epoch")
     module = DistillationModule(
         student=student,
         method=method,
-        loss_weights=OmegaConf.to_container(cfg.method.weights, resolve=True),
-        optimizer=build_factory(cfg.optimizer, "optimizer", lambda make: make(_dummy_parameters())),
-        scheduler=(
-            build_factory(
-                scheduler_cfg, "scheduler", lambda make: make(torch.optim.SGD(_dummy_parameters(), lr=0.1))
-            )
-            if scheduler_cfg
-            else None
-        ),
+        loss_weights=loss_weights,
+        optimizer=optimizer,
+        scheduler=scheduler,
         scheduler_interval=scheduler_interval,
         num_classes=datamodule.num_classes,
         teacher=teacher,
         teacher_identity=teacher_identity,
         teacher_input=teacher_input,
+        clip_scaled_gradients=bool(cfg.get("clip_scaled_gradients", False)),
     )
 
     module.teacher_top1 = teacher_reference_top1  # measured already: the first validation reuses it
     logger = build(cfg.logger, "logger", **_logger_names(cfg.logger, output_dir)) if cfg.logger else False
     throughput = TrainThroughput()
     callbacks = [throughput, *_standard_callbacks(cfg, output_dir, has_logger=bool(logger))]
-    report = cfg.get("report", "last")
-    if report not in REPORT_PROTOCOLS:
-        raise UserError(f"report={report!r} is not one of {', '.join(REPORT_PROTOCOLS)}")
     averaging = (
         WeightAveraging(cfg.get("average_epochs", 10), output_dir) if report == "weight_average" else None
     )
     if averaging:
         callbacks.append(averaging)
-    ema_decay = cfg.get("ema_decay")
-    if report == "ema" and ema_decay is None:
-        raise UserError("report=ema needs an EMA of the student: set ema_decay, e.g. ema_decay=0.99996")
     ema = StudentEMA(ema_decay, output_dir) if ema_decay is not None else None
     if ema:
         callbacks.append(ema)
@@ -186,6 +183,11 @@ def _fit(cfg: DictConfig, output_dir: Path) -> dict:
         "student_top1_ema": ema.top1 if ema else None,
         "ema_decay": ema_decay,
         "two_head_inference": has_distill_head(student),
+        # The networks as built (a ViT fitted to small images says so); `*_arch` is the configured name.
+        "student": built_name(cfg.student.arch, student),
+        "teacher": built_name(cfg.teacher.arch, teacher),
+        "student_arch": cfg.student.arch,
+        "teacher_arch": cfg.teacher.arch,
         "student_top5": history[-1]["top5"] if history else None,
         "teacher_top1": module.teacher_top1,
         "teacher_reference_top1": cfg.teacher.get("reference_top1"),
@@ -226,30 +228,116 @@ def _dummy_parameters() -> list[torch.nn.Parameter]:
     return [torch.nn.Parameter(torch.zeros(1))]
 
 
-def _setup_method(
-    method, student, teacher, datamodule: ClassificationData, teacher_input=None
-) -> torch.nn.Module:
-    """Let the method adapt the student and size its projectors from one probe batch, without touching
-    BatchNorm statistics; return the student to train."""
-    probe_images = torch.stack([datamodule.train_set[index][0] for index in range(2)])
+def build_method(method_cfg: DictConfig) -> tuple[Objectives, LossWeights]:
+    """The method's objectives (`method.objectives`, by term name, plus the shared `ce`) and the weight and
+    warm-up of every term (`method.weights`, `method.warmup`)."""
+    if "objective" in method_cfg:
+        raise UserError(
+            "method.objective is now method.objectives, a mapping from term name to objective (e.g. "
+            "method.objectives.kd.temperature=2); see conf/method/*.yaml"
+        )
+    objectives_cfg = method_cfg.get("objectives") or {}
+    objectives = {name: build(node, f"method.objectives.{name}") for name, node in objectives_cfg.items()}
+    weights = OmegaConf.to_container(method_cfg.weights, resolve=True)
+    warmup = OmegaConf.to_container(method_cfg.warmup, resolve=True) if method_cfg.get("warmup") else None
+    loss_weights = LossWeights(weights, warmup)
+    return assemble(objectives, loss_weights), loss_weights
 
-    def probe(network, needs, images=probe_images):
+
+def _check_class_counts(cfg: DictConfig, datamodule: ClassificationData) -> None:
+    if cfg.dataset.get("num_classes") is None:  # counted from the data (imagefolder); models interpolate it
+        cfg.dataset.num_classes = datamodule.num_classes
+    for role in ("teacher", "student"):
+        if cfg[role].num_classes != datamodule.num_classes:
+            raise UserError(
+                f"{role}.num_classes={cfg[role].num_classes} but dataset {cfg.dataset.name} has "
+                f"{datamodule.num_classes} classes; set {role}.num_classes={datamodule.num_classes}"
+            )
+
+
+def _init_classifier(student: torch.nn.Module, init) -> None:
+    """`student.classifier_init`: re-draw the student's classifier, {weight_std: s, bias_std: b} (weight ~
+    N(0, s^2), bias ~ N(0, b^2), 0 = zeros, null = the model's own init), as the ND code does for its CIFAR
+    students (e.g. ResNet: N(0, 0.01) weight and bias; MobileNetV2: N(0, 0.01) weight, zero bias)."""
+    if not init:
+        return
+    unknown = set(init) - {"weight_std", "bias_std"}
+    if unknown:
+        raise UserError(f"student.classifier_init takes weight_std and bias_std, not {sorted(unknown)}")
+    classifier = student.get_classifier()
+    heads = [classifier, getattr(student, "head_dist", None)]
+    for head in (h for h in heads if isinstance(h, torch.nn.Linear)):
+        for tensor, std in ((head.weight, init.get("weight_std")), (head.bias, init.get("bias_std"))):
+            if std is None or tensor is None:
+                continue
+            with torch.no_grad():
+                tensor.normal_(0.0, std) if std > 0 else tensor.zero_()
+
+
+def _setup_method(
+    method: Objectives, student, teacher, datamodule: ClassificationData, teacher_input=None
+) -> torch.nn.Module:
+    """Probe both networks with one small batch (eval mode, so BatchNorm statistics stay untouched): check
+    that they take the data and give the features and class count the method needs, let the method adapt
+    the student and size its projectors, and run the objectives that need no teacher statistics once.
+    The teacher may still hold random weights: only shapes matter here. Return the student to train."""
+    images, labels = zip(*(datamodule.train_set[index] for index in range(2)), strict=True)
+    probe_images, probe_labels = torch.stack(images), torch.as_tensor(labels).long()
+
+    def probe(role, network, needs, images=probe_images):
         network.eval()
-        with torch.no_grad():
-            return extract_features(network, images, needs)
+        try:
+            with torch.no_grad():
+                output = extract_features(network, images, needs)
+        except UserError:
+            raise
+        except Exception as error:  # the network does not take these images (size, channels)
+            reason = " ".join(str(error).split())[:300]
+            raise UserError(
+                f"the {role} ({type(network).__name__}) fails on one batch of {datamodule.name} images of "
+                f"shape {tuple(images.shape[1:])}: {reason}"
+            ) from None
+        if output.logits is not None and output.logits.shape[1] != datamodule.num_classes:
+            raise UserError(
+                f"the {role} predicts {output.logits.shape[1]} classes, but {datamodule.name} has "
+                f"{datamodule.num_classes}"
+            )
+        return output
 
     student_needs = method.student_features | {"logits"}
-    student_probe = probe(student, student_needs)
-    teacher_probe = None
-    if method.teacher_features:
-        teacher_images = teacher_input(probe_images) if teacher_input is not None else probe_images
-        teacher_probe = probe(teacher, method.teacher_features, teacher_images)
-    adapted = method.adapt_student(student, student_probe, teacher_probe)
+    student_probe = probe("student", student, student_needs)
+    teacher_needs = method.teacher_features | {"logits"}
+    teacher_images = teacher_input(probe_images) if teacher_input is not None else probe_images
+    teacher_probe = probe("teacher", teacher, teacher_needs, teacher_images)
+    adapted = student
+    for name, objective in method.objectives.items():
+        with _objective_errors(name):
+            adapted = objective.adapt_student(adapted, student_probe, teacher_probe)
     if adapted is not student:
-        student_probe = probe(adapted, student_needs)
+        student_probe = probe("student", adapted, student_needs)
+    for name, objective in method.objectives.items():
+        with _objective_errors(name):
+            objective.setup(student_probe, teacher_probe)
+    method.eval()
+    for name, objective in method.objectives.items():
+        if objective.statistics_name is None:  # the others need the trained teacher's statistics first
+            with _objective_errors(name), torch.no_grad():
+                objective(student_probe, teacher_probe, probe_labels)
+    method.train()
     adapted.train()
-    method.setup(student_probe, teacher_probe)
     return adapted
+
+
+@contextmanager
+def _objective_errors(name: str):
+    """An objective that cannot work with these networks says so in one line, naming its config key."""
+    try:
+        yield
+    except UserError:
+        raise
+    except (ValueError, RuntimeError, IndexError, TypeError) as error:
+        reason = " ".join(str(error).split())[:300]
+        raise UserError(f"method.objectives.{name}: {reason}") from None
 
 
 def _teacher_input(teacher_cfg: DictConfig, datamodule: ClassificationData) -> Renormalize | None:

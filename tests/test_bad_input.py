@@ -53,6 +53,15 @@ CASES = {
     "no teacher weights": (["teacher.train_if_missing=false"], "no weights for teacher convnet_wide"),
     "bad optimizer key": (["+optimizer.lrr=0.1"], "optimizer config is invalid"),
     "unknown model": (["student.arch=resnet9000"], "unknown model 'resnet9000'"),
+    "zero temperature": (["method.objectives.kd.temperature=0"], "temperature must be positive, got 0"),
+    "nan weight": (["method.weights.kd=nan"], "method.weights.kd must be a finite number, got nan"),
+    "weight without objective": (["+method.weights.nd=1.0"], "give exactly one weight per term"),
+    "old objective key": (["+method.objective.temperature=2"], "method.objective is now method.objectives"),
+    "second head on a CNN": (["method=deit"], "ConvNet has one head; use a two-headed DeiT student"),
+    "ViT built for other images": (
+        ["student.arch=deit_tiny_patch16_224", "+student.model_kwargs.img_size=224"],
+        "the student (VisionTransformer) fails on one batch of digits images of shape (1, 8, 8)",
+    ),
 }
 
 

@@ -12,9 +12,10 @@ from kd_experiments.errors import UserError
 
 
 class RepeatedAugmentationSampler(RepeatAugSampler, DistributedSampler):
-    """timm's `RepeatAugSampler` (DeiT's RASampler, methods.md i): each epoch draws every image
-    `num_repeats` times, sends the copies to different ranks, and keeps an epoch as long as a plain one
-    (len(dataset) / world size images per rank, rounded down to a multiple of 256 / world size).
+    """timm's `RepeatAugSampler` (DeiT's RASampler, facebookresearch/deit `samplers.py`): each epoch
+    draws every image `num_repeats` times, sends the copies to different ranks, and keeps an epoch as long
+    as a plain one (len(dataset) / world size images per rank, rounded down to a multiple of 256 / world
+    size).
 
     It shards by rank itself, so it is declared a `DistributedSampler`: Lightning then leaves it alone
     instead of wrapping it in a second per-rank sampler, and still calls `set_epoch` every epoch."""

@@ -5,7 +5,10 @@ Zoo models implement timm's feature API (`forward_features`, `forward_head(pre_l
 method declares the features it needs; asking only for logits costs exactly one plain forward.
 
 Feature kinds:
-  - `logits`: B x K, the class head (for a two-headed DeiT: the class-token head).
+  - `logits`: B x K, the class head. For a two-headed DeiT: the class-token head when the caller also reads
+    `distill_logits` (the DeiT / SRD / VkD protocol: CE trains the class head, distillation the second
+    one); otherwise the deployed output, the mean of both heads, so that a method that reads only `logits`
+    (CE, DKD on a one-head tap, ...) trains what validation scores and leaves no head untrained.
   - `embedding`: B x D, the pooled vector the classifier reads (timm's `pre_logits`).
   - `stages`: the stem and each stage's output map (B x C x H x W), shallow to deep, as the model's
     mdistiller counterpart taps them (`feats`: post-activation, except WRN's raw residual sums).
@@ -53,6 +56,11 @@ def extract_features(model: nn.Module, images: torch.Tensor, needs: frozenset[st
     if unknown:
         raise ValueError(f"unknown feature kinds {sorted(unknown)}; known: {sorted(FEATURE_KINDS)}")
     two_heads = has_distill_head(model)
+    if "distill_logits" in needs and not two_heads:
+        raise UserError(
+            f"the method trains a distillation head (distill_logits), but {type(model).__name__} has one "
+            "head; use a two-headed DeiT student (student=deit_ti, deit_s, deit_b or deit_ti_convstem)"
+        )
     if needs <= {"logits"} and not two_heads:
         return NetworkOutput(logits=model(images))
 
@@ -70,8 +78,11 @@ def extract_features(model: nn.Module, images: torch.Tensor, needs: frozenset[st
         _read_tokens(model, final_map, needs, output)
     if two_heads:
         # timm's distilled DeiT: pre_logits is the mean of both tokens; each head reads its own token.
-        output.logits = model.head(final_map[:, 0])
         output.embedding = model.forward_head(final_map, pre_logits=True)
+        if "distill_logits" in needs:
+            output.logits = model.head(final_map[:, 0])
+        else:
+            output.logits = (model.head(final_map[:, 0]) + model.head_dist(final_map[:, 1])) / 2
     else:
         output.embedding = model.forward_head(final_map, pre_logits=True)
         output.logits = model.get_classifier()(output.embedding)
@@ -89,11 +100,6 @@ def _read_tokens(model: nn.Module, final_map: torch.Tensor, needs: frozenset[str
     output.class_token = final_map[:, 0]
     output.patch_mean = final_map[:, prefix:].mean(dim=1)
     if "distill_logits" in needs:
-        if not has_distill_head(model):
-            raise UserError(
-                f"{type(model).__name__} has one head, but the method reads a distillation head: use a "
-                "two-headed DeiT student (e.g. student.arch=deit_tiny_distilled_patch16_224)"
-            )
         output.distill_logits = model.head_dist(final_map[:, 1])
 
 
