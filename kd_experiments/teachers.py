@@ -278,6 +278,7 @@ def _train_with_cross_entropy(
     from kd_experiments.module import DistillationModule
 
     pl.seed_everything(seed, workers=True, verbose=False)
+    model.train()  # the probe left it in eval mode, and Lightning keeps each submodule's mode
     module = DistillationModule(
         student=model,
         method=Objectives({"ce": CrossEntropy()}),
