@@ -36,7 +36,7 @@ CACHE_WAIT_DEFAULT_S = 24 * 3600  # rank zero may be training a teacher, which c
 CACHE_POLL_S = 2.0
 
 
-def create_network(role: str, model_cfg: DictConfig, image_size: int, pretrained=False) -> nn.Module:
+def create_network(role: str, model_cfg: DictConfig, image_size: int | None, pretrained=False) -> nn.Module:
     """The `teacher` or `student` network of `model_cfg` (`arch`, `num_classes`, `in_chans`, `model_kwargs`),
     built for the data's `image_size` (a ViT is fitted to it, see `models.create_model`); any failure to
     build it is one line naming the model."""
@@ -85,7 +85,7 @@ def teacher_weight_source(teacher_cfg: DictConfig) -> str:
 def build_teacher(
     teacher_cfg: DictConfig,
     dataset_cfg: DictConfig,
-    datamodule: ClassificationData,
+    datamodule: ClassificationData | None,
     cache_dir: str,
     network: nn.Module | None = None,
 ) -> tuple[nn.Module, dict]:
@@ -97,7 +97,8 @@ def build_teacher(
     source = teacher_weight_source(teacher_cfg)
     if source == "teacher.pretrained" or network is None:
         pretrained = teacher_cfg.pretrained if source == "teacher.pretrained" else False
-        network = create_network("teacher", teacher_cfg, datamodule.image_size, pretrained)
+        image_size = datamodule.image_size if datamodule is not None else None  # None: the model's own
+        network = create_network("teacher", teacher_cfg, image_size, pretrained)
     model = network
     identity = {"arch": arch, "num_classes": teacher_cfg.num_classes}
     if source == "teacher.checkpoint":

@@ -15,7 +15,7 @@ from tests.conftest import REPO, compose_config
 
 METHODS = sorted(p.stem for p in (REPO / "conf/method").glob("*.yaml"))
 STUDENTS = ["convnet_narrow", "deit_ti", "resnet8"]
-ONE_HEAD = "trains a distillation head (distill_logits), but .* has one head; use a two-headed DeiT student"
+ONE_HEAD = r"trains a distillation head \(distill_logits\), but .* has one head; use a two-headed DeiT"
 # The pairs that cannot work, and the reason they give (everything else must train).
 REFUSED = {
     ("deit", "convnet_narrow"): ONE_HEAD,
