@@ -357,6 +357,15 @@ def test_yaml_objectives_read_the_deit_student_taps():
         assert "distill_logits" in method.student_features
 
 
+@pytest.mark.parametrize("name", ["kd", "kd++", "dkd++", "dkd", "dist", "dist++", "srd", "vkd"])
+def test_one_key_sets_the_logit_temperature_of_single_and_composed_methods(name):
+    # the logit term is `kd` in every method that has one, so the same override reaches it
+    method, _ = build_method(compose_config(f"method={name}", "method.objectives.kd.temperature=2").method)
+    assert method.objectives["kd"].temperature == 2.0, name
+    default, _ = build_method(compose_config(f"method={name}").method)
+    assert default.objectives["kd"].temperature != 2.0, name
+
+
 # ------------------------------------------------------------------------------------------------------ ND
 
 
