@@ -1,12 +1,41 @@
 """The headline command, `python -m kd_experiments method=vkd student=deit_ti`, as written (the full
 default schedule, nothing reduced): a DeiT-Ti fitted to the 8 px digits, distilled with VkD, reaches at
-least 80% top-1 over seeds 0 and 1."""
+least 80% top-1 over seeds 0 and 1.
+
+Validation of 1,438 images every epoch is most of a run's time, and it never changes the training: the
+validation loader draws the same one seed from the global RNG however many batches it serves, and the
+student is in eval mode. So the runs here validate one batch per epoch and the test scores the last
+epoch's student on the whole validation split, which is the number the command as written prints
+(checked: after 5 epochs the student weights are bit-identical with and without `limit_val_batches=1`)."""
 
 import json
 import statistics
 
+import torch
+from hydra.utils import instantiate
+
+from kd_experiments.models import create_model
 from kd_experiments.train import train
 from tests.conftest import compose_config
+
+
+def top1_of_last_checkpoint(cfg, run_dir) -> float:
+    data = instantiate(cfg.dataset)
+    data.setup()
+    student = create_model(
+        cfg.student.arch, cfg.student.num_classes, in_chans=cfg.dataset.channels, image_size=data.image_size
+    )
+    checkpoint = torch.load(run_dir / "checkpoints/last.ckpt", map_location="cpu", weights_only=False)
+    state = checkpoint["state_dict"]
+    student.load_state_dict({k[len("student.") :]: v for k, v in state.items() if k.startswith("student.")})
+    student.eval()
+    correct = total = 0
+    with torch.no_grad():
+        for images, targets in data.val_dataloader():
+            correct += (student(images).argmax(1) == targets).sum().item()
+            total += len(targets)
+    assert total == 1438
+    return 100 * correct / total
 
 
 def test_vkd_deit_ti_on_the_defaults_reaches_80_percent(project_dir, tmp_path):
@@ -17,11 +46,11 @@ def test_vkd_deit_ti_on_the_defaults_reaches_80_percent(project_dir, tmp_path):
             "method=vkd", "student=deit_ti", f"seed={seed}", "logger=none",
             f"paths.root_dir={project_dir}",  # reuse the session's cached teacher
             f"paths.output_dir={out}", "++trainer.enable_progress_bar=false",
-            "++trainer.enable_checkpointing=false", "++trainer.enable_model_summary=false",
+            "++trainer.enable_model_summary=false", "++trainer.limit_val_batches=1",
         )  # fmt: skip
         train(cfg)
         summary = json.loads((out / "summary.json").read_text())
         assert summary["status"] == "completed" and summary["epochs"] == 60
         assert summary["student"] == "deit_tiny_distilled_patch4_8" and summary["teacher_source"] == "cache"
-        top1.append(summary["student_top1"])
+        top1.append(top1_of_last_checkpoint(cfg, out))
     assert statistics.mean(top1) >= 80.0, top1
