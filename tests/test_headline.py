@@ -14,6 +14,7 @@ import statistics
 import torch
 from hydra.utils import instantiate
 
+from kd_experiments.callbacks import top1_on
 from kd_experiments.models import create_model
 from kd_experiments.train import train
 from tests.conftest import compose_config
@@ -28,14 +29,8 @@ def top1_of_last_checkpoint(cfg, run_dir) -> float:
     checkpoint = torch.load(run_dir / "checkpoints/last.ckpt", map_location="cpu", weights_only=False)
     state = checkpoint["state_dict"]
     student.load_state_dict({k[len("student.") :]: v for k, v in state.items() if k.startswith("student.")})
-    student.eval()
-    correct = total = 0
-    with torch.no_grad():
-        for images, targets in data.val_dataloader():
-            correct += (student(images).argmax(1) == targets).sum().item()
-            total += len(targets)
-    assert total == 1438
-    return 100 * correct / total
+    assert len(data.val_set) == 1438
+    return top1_on(student, data.val_dataloader(), torch.device("cpu"))
 
 
 def test_vkd_deit_ti_on_the_defaults_reaches_80_percent(project_dir, tmp_path):
