@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import RichProgressBar
+from pytorch_lightning.callbacks import ModelCheckpoint, RichProgressBar
 from timm.utils import ModelEmaV3
 from torch.optim.swa_utils import AveragedModel
 
@@ -14,6 +14,22 @@ from kd_experiments.errors import UserError
 
 def progress_bar() -> pl.Callback:
     return RichProgressBar(leave=False)
+
+
+def last_epoch_checkpoint(dirpath: Path) -> ModelCheckpoint:
+    """`last.ckpt`, rewritten after every training epoch (after that epoch's validation, if any).
+
+    Lightning's own `save_last` only writes when a top-k checkpoint was saved in the same step, so its
+    last.ckpt stays at the best epoch; an unmonitored top-1 checkpoint under a fixed name is the latest.
+    """
+    return ModelCheckpoint(
+        dirpath=dirpath,
+        filename="last",
+        monitor=None,
+        save_top_k=1,
+        save_on_train_epoch_end=True,
+        enable_version_counter=False,
+    )
 
 
 class TrainThroughput(pl.Callback):

@@ -22,7 +22,13 @@ from pytorch_lightning.utilities.seed import isolate_rng
 from rich.console import Console
 from rich.table import Table
 
-from kd_experiments.callbacks import StudentEMA, TrainThroughput, WeightAveraging, progress_bar
+from kd_experiments.callbacks import (
+    StudentEMA,
+    TrainThroughput,
+    WeightAveraging,
+    last_epoch_checkpoint,
+    progress_bar,
+)
 from kd_experiments.data.base import ClassificationData, Renormalize
 from kd_experiments.errors import UserError
 from kd_experiments.loggers import finish_logger
@@ -165,7 +171,10 @@ def _fit(cfg: DictConfig, output_dir: Path) -> dict:
         finish_logger(logger)
 
     history = module.validation_history
-    checkpoint = next((c for c in callbacks if isinstance(c, ModelCheckpoint)), None)
+    last_checkpoint, best_checkpoint = (
+        next((c for c in callbacks if isinstance(c, ModelCheckpoint) and c.monitor == monitor), None)
+        for monitor in (None, "val/student_top1")
+    )
     last_top1 = history[-1]["top1"] if history else None
     best_top1 = max(h["top1"] for h in history) if history else None
     reported = {
@@ -196,8 +205,8 @@ def _fit(cfg: DictConfig, output_dir: Path) -> dict:
         "epochs": trainer.current_epoch,
         "steps": trainer.global_step,
         "train_images_per_s": round(throughput.images_per_s, 1) if throughput.images_per_s else None,
-        "best_checkpoint": (checkpoint.best_model_path or None) if checkpoint else None,
-        "last_checkpoint": (checkpoint.last_model_path or None) if checkpoint else None,
+        "best_checkpoint": (best_checkpoint.best_model_path or None) if best_checkpoint else None,
+        "last_checkpoint": (last_checkpoint.best_model_path or None) if last_checkpoint else None,
     }
 
 
@@ -368,18 +377,18 @@ def _standard_callbacks(cfg: DictConfig, output_dir: Path, has_logger: bool) -> 
     trainer_cfg = cfg.trainer
     callbacks: list[pl.Callback] = []
     if trainer_cfg.get("enable_checkpointing", True):
-        validates = trainer_cfg.get("limit_val_batches", 1.0) != 0
-        callbacks.append(
-            ModelCheckpoint(
-                dirpath=output_dir / "checkpoints",
-                filename="best-epoch{epoch:03d}",
-                auto_insert_metric_name=False,
-                monitor="val/student_top1" if validates else None,
-                mode="max",
-                save_top_k=1 if validates else 0,
-                save_last=True,
+        callbacks.append(last_epoch_checkpoint(output_dir / "checkpoints"))
+        if trainer_cfg.get("limit_val_batches", 1.0) != 0:
+            callbacks.append(
+                ModelCheckpoint(
+                    dirpath=output_dir / "checkpoints",
+                    filename="best-epoch{epoch:03d}",
+                    auto_insert_metric_name=False,
+                    monitor="val/student_top1",
+                    mode="max",
+                    save_top_k=1,
+                )
             )
-        )
     if trainer_cfg.get("enable_progress_bar", True):
         callbacks.append(progress_bar())
     if has_logger:

@@ -198,3 +198,37 @@ def test_lr_scaling_resolver_uses_the_global_batch():
     cfg.trainer.devices = "auto"
     with pytest.raises(Exception, match="needs an integer trainer.devices"):
         _ = cfg.lr
+
+
+class _FallingAccuracy(pl.LightningModule):
+    """A tiny module whose validation top-1 falls every epoch, so the best epoch is the first."""
+
+    def __init__(self):
+        super().__init__()
+        self.layer = torch.nn.Linear(2, 1)
+
+    def training_step(self, batch, batch_idx):
+        return self.layer(batch[0]).pow(2).mean()
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val/student_top1", 10.0 - self.current_epoch)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_last_checkpoint_is_the_last_epoch_even_when_an_earlier_one_was_best(tmp_path):
+    from omegaconf import OmegaConf
+
+    from kd_experiments.train import _standard_callbacks
+
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(8, 2)), batch_size=4)
+    cfg = OmegaConf.create({"trainer": {"enable_progress_bar": False}})
+    trainer = pl.Trainer(
+        max_epochs=3, callbacks=_standard_callbacks(cfg, tmp_path, has_logger=False), logger=False,
+        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+    )  # fmt: skip
+    trainer.fit(_FallingAccuracy(), loader, loader)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["best-epoch000.ckpt", "last.ckpt"]
+    last = torch.load(tmp_path / "checkpoints/last.ckpt", weights_only=False)
+    assert (last["epoch"], last["global_step"]) == (2, 6)
