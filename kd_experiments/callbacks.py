@@ -32,6 +32,20 @@ def last_epoch_checkpoint(dirpath: Path) -> ModelCheckpoint:
     )
 
 
+class ValidateFinalEpoch(pl.Callback):
+    """Validate the last epoch whatever `trainer.check_val_every_n_epoch` says, so that the "last epoch" top-1
+    (summary.json, the result table) is the last epoch's even when validation runs every few epochs only.
+
+    Lightning validates epochs e with (e + 1) % n == 0 and nothing else; a run that ends before max_epochs
+    (max_steps) is not covered.
+    """
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        final = trainer.max_epochs is not None and trainer.current_epoch == trainer.max_epochs - 1
+        if final and trainer.check_val_every_n_epoch not in (None, 1):
+            trainer.check_val_every_n_epoch = 1
+
+
 class TrainThroughput(pl.Callback):
     """Training images per second, counting batch loading and the optimizer step but not validation.
 

@@ -25,6 +25,7 @@ from rich.table import Table
 from kd_experiments.callbacks import (
     StudentEMA,
     TrainThroughput,
+    ValidateFinalEpoch,
     WeightAveraging,
     last_epoch_checkpoint,
     progress_bar,
@@ -153,7 +154,11 @@ def _fit(cfg: DictConfig, output_dir: Path) -> dict:
     module.teacher_top1 = teacher_reference_top1  # measured already: the first validation reuses it
     logger = build(cfg.logger, "logger", **_logger_names(cfg.logger, output_dir)) if cfg.logger else False
     throughput = TrainThroughput()
-    callbacks = [throughput, *_standard_callbacks(cfg, output_dir, has_logger=bool(logger))]
+    callbacks = [
+        throughput,
+        ValidateFinalEpoch(),
+        *_standard_callbacks(cfg, output_dir, has_logger=bool(logger)),
+    ]
     averaging = (
         WeightAveraging(cfg.get("average_epochs", 10), output_dir) if report == "weight_average" else None
     )

@@ -80,6 +80,10 @@ def test_a_vit_student_config_brings_adamw_and_a_warmup_which_recipes_and_the_co
     vit = compose_config("student=deit_ti")
     assert vit.optimizer.opt == "adamw" and vit.scheduler._target_ == "timm.scheduler.CosineLRScheduler"
     assert vit.student.taps.kd_logits == "distill_logits" and vit.student.taps.feature == "patch_mean"
+    assert (vit.trainer.max_epochs, vit.trainer.check_val_every_n_epoch) == (150, 5)
+    assert compose_config("student=resnet8").trainer.check_val_every_n_epoch == 1
+    vkd_recipe = compose_config("experiment=vkd_imagenet_regnety_160_deit_ti_convstem")
+    assert (vkd_recipe.trainer.max_epochs, vkd_recipe.trainer.check_val_every_n_epoch) == (300, 1)
     assert compose_config("student=deit_ti", "optimizer=sgd").optimizer.opt == "momentum"
     assert compose_config("student=resnet8").optimizer.opt == "momentum"
     recipe = compose_config("experiment=kd_cifar100_resnet32x4_resnet8x4", "student=deit_ti")

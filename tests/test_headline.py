@@ -2,11 +2,12 @@
 default schedule, nothing reduced): a DeiT-Ti fitted to the 8 px digits, distilled with VkD, reaches at
 least 80% top-1 over seeds 0 and 1.
 
-Validation of 1,438 images every epoch is most of a run's time, and it never changes the training: the
-validation loader draws the same one seed from the global RNG however many batches it serves, and the
-student is in eval mode. So the runs here validate one batch per epoch and the test scores the last
-epoch's student on the whole validation split, which is the number the command as written prints
-(checked: after 5 epochs the student weights are bit-identical with and without `limit_val_batches=1`)."""
+Validating 1,438 images (every 5 epochs and after the last) costs as much as a good part of the training,
+and it never changes the training: the validation loader draws the same one seed from the global RNG
+however many batches it serves, and the student is in eval mode. So the runs here validate one batch each
+time and the test scores the last epoch's student (checkpoints/last.ckpt) on the whole validation split,
+which is the number the command as written prints (checked: after 10 epochs the student weights are
+bit-identical with and without `limit_val_batches=1`)."""
 
 import json
 import statistics
@@ -45,7 +46,7 @@ def test_vkd_deit_ti_on_the_defaults_reaches_80_percent(project_dir, tmp_path):
         )  # fmt: skip
         train(cfg)
         summary = json.loads((out / "summary.json").read_text())
-        assert summary["status"] == "completed" and summary["epochs"] == 60
+        assert summary["status"] == "completed" and summary["epochs"] == 150
         assert summary["student"] == "deit_tiny_distilled_patch4_8" and summary["teacher_source"] == "cache"
         top1.append(top1_of_last_checkpoint(cfg, out))
     assert statistics.mean(top1) >= 80.0, top1

@@ -232,3 +232,23 @@ def test_last_checkpoint_is_the_last_epoch_even_when_an_earlier_one_was_best(tmp
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["best-epoch000.ckpt", "last.ckpt"]
     last = torch.load(tmp_path / "checkpoints/last.ckpt", weights_only=False)
     assert (last["epoch"], last["global_step"]) == (2, 6)
+
+
+def test_the_final_epoch_is_validated_whatever_the_validation_interval(tmp_path):
+    from kd_experiments.callbacks import ValidateFinalEpoch
+
+    class RecordsValidatedEpochs(_FallingAccuracy):
+        validated: list[int] = []
+
+        def validation_step(self, batch, batch_idx):
+            self.validated.append(self.current_epoch)
+
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(4, 2)), batch_size=4)
+    module = RecordsValidatedEpochs()
+    trainer = pl.Trainer(
+        max_epochs=7, check_val_every_n_epoch=3, callbacks=[ValidateFinalEpoch()], logger=False,
+        num_sanity_val_steps=0, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, default_root_dir=tmp_path,
+    )  # fmt: skip
+    trainer.fit(module, loader, loader)
+    assert module.validated == [2, 5, 6]
