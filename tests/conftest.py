@@ -38,6 +38,28 @@ def run_cli(
     )
 
 
+def run_main_in_process(*args: str, cwd: Path, monkeypatch, capsys) -> subprocess.CompletedProcess:
+    """`python -m kd_experiments ARGS` in `cwd`, but in this process: the same entry point (`__main__.main`,
+    Hydra's command-line parsing, the one-line error handler) without the seconds of a new interpreter.
+    Returns what `run_cli` does: the exit code and the captured stdout / stderr."""
+    from kd_experiments.__main__ import main
+
+    for name in [k for k in os.environ if k.startswith("WANDB_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("HOME", str(cwd))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.chdir(cwd)
+    monkeypatch.setattr(sys, "argv", [str(REPO / "kd_experiments/__main__.py"), *args])
+    capsys.readouterr()  # drop what earlier steps printed
+    try:
+        main()
+        code = 0
+    except SystemExit as exit_:
+        code = exit_.code if isinstance(exit_.code, int) else 1
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(sys.argv, code, out, err)
+
+
 def run_summaries(root: Path) -> list[dict]:
     return [json.loads(p.read_text()) for p in sorted(root.glob("outputs/runs/*/*/summary.json"))]
 

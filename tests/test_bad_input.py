@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from kd_experiments.models import create_model
-from tests.conftest import QUICK, run_cli
+from tests.conftest import QUICK, run_cli, run_main_in_process
 
 
 def snapshot(directory) -> dict:
@@ -65,11 +65,21 @@ CASES = {
 }
 
 
+# One case runs the real `python -m kd_experiments`; the others call the same entry point in-process
+# (tests/conftest.run_main_in_process), which skips a new interpreter's imports for each case.
+IN_A_NEW_PROCESS = "missing checkpoint"
+
+
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_bad_input_is_one_clear_line(bad_files, case):
+def test_bad_input_is_one_clear_line(bad_files, case, monkeypatch, capsys):
     overrides, message = CASES[case]
     before = snapshot(bad_files / "outputs")
-    result = run_cli(*QUICK, *overrides, cwd=bad_files)
+    if case == IN_A_NEW_PROCESS:
+        result = run_cli(*QUICK, *overrides, cwd=bad_files)
+    else:
+        result = run_main_in_process(
+            *QUICK, *overrides, cwd=bad_files, monkeypatch=monkeypatch, capsys=capsys
+        )
     assert result.returncode == 2, result.stderr[-2000:]
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
