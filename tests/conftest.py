@@ -2,6 +2,7 @@
 
 import json
 import os
+import runpy
 import subprocess
 import sys
 from pathlib import Path
@@ -42,8 +43,6 @@ def run_main_in_process(*args: str, cwd: Path, monkeypatch, capsys) -> subproces
     """`python -m kd_experiments ARGS` in `cwd`, but in this process: the same entry point (`__main__.main`,
     Hydra's command-line parsing, the one-line error handler) without the seconds of a new interpreter.
     Returns what `run_cli` does: the exit code and the captured stdout / stderr."""
-    from kd_experiments.__main__ import main
-
     for name in [k for k in os.environ if k.startswith("WANDB_")]:
         monkeypatch.delenv(name)
     monkeypatch.setenv("HOME", str(cwd))
@@ -52,7 +51,7 @@ def run_main_in_process(*args: str, cwd: Path, monkeypatch, capsys) -> subproces
     monkeypatch.setattr(sys, "argv", [str(REPO / "kd_experiments/__main__.py"), *args])
     capsys.readouterr()  # drop what earlier steps printed
     try:
-        main()
+        runpy.run_module("kd_experiments", run_name="__main__")  # what `python -m` does
         code = 0
     except SystemExit as exit_:
         code = exit_.code if isinstance(exit_.code, int) else 1
