@@ -100,30 +100,9 @@ def _fit(cfg: DictConfig, output_dir: Path) -> dict:
 
     # Cheap first: both networks and the method, probed with one batch, so that a shape or feature mistake
     # stops the run in seconds, before a teacher is trained or downloaded and before any statistics pass.
-    teacher_weight_source(cfg.teacher)
-    pl.seed_everything(cfg.teacher.seed, workers=True, verbose=False)  # a trained teacher's init
-    teacher_network = create_network("teacher", cfg.teacher, datamodule.image_size)
-    pl.seed_everything(cfg.seed, workers=True, verbose=False)
-    student = create_network("student", cfg.student, datamodule.image_size)
-    _init_classifier(student, cfg.student.get("classifier_init"))
-    method, loss_weights = build_method(cfg.method)
-    teacher_input = _teacher_input(cfg.teacher, datamodule)
-    student = _setup_method(method, student, teacher_network, datamodule, teacher_input)
-    optimizer = build_factory(cfg.optimizer, "optimizer", lambda make: make(_dummy_parameters()))
-    scheduler_cfg = OmegaConf.to_container(cfg.scheduler, resolve=True) if cfg.scheduler else {}
-    scheduler_interval = scheduler_cfg.pop("interval", "epoch")
-    scheduler = (
-        build_factory(
-            scheduler_cfg, "scheduler", lambda make: make(torch.optim.SGD(_dummy_parameters(), lr=0.1))
-        )
-        if scheduler_cfg
-        else None
-    )
-    report, ema_decay = cfg.get("report", "last"), cfg.get("ema_decay")
-    if report not in REPORT_PROTOCOLS:
-        raise UserError(f"report={report!r} is not one of {', '.join(REPORT_PROTOCOLS)}")
-    if report == "ema" and ema_decay is None:
-        raise UserError("report=ema needs an EMA of the student: set ema_decay, e.g. ema_decay=0.99996")
+    teacher_network, student, method, loss_weights, teacher_input = _networks_and_method(cfg, datamodule)
+    optimizer, scheduler, scheduler_interval = _optimization_factories(cfg)
+    report, ema_decay = _report_protocol(cfg)
 
     # The expensive part, in its own RNG scope: whether the teacher is trained, read from the cache or
     # downloaded, and whether statistics are computed or read, the student trains on the same random stream.
@@ -153,20 +132,7 @@ def _fit(cfg: DictConfig, output_dir: Path) -> dict:
 
     module.teacher_top1 = teacher_reference_top1  # measured already: the first validation reuses it
     logger = build(cfg.logger, "logger", **_logger_names(cfg.logger, output_dir)) if cfg.logger else False
-    throughput = TrainThroughput()
-    callbacks = [
-        throughput,
-        ValidateFinalEpoch(),
-        *_standard_callbacks(cfg, output_dir, has_logger=bool(logger)),
-    ]
-    averaging = (
-        WeightAveraging(cfg.get("average_epochs", 10), output_dir) if report == "weight_average" else None
-    )
-    if averaging:
-        callbacks.append(averaging)
-    ema = StudentEMA(ema_decay, output_dir) if ema_decay is not None else None
-    if ema:
-        callbacks.append(ema)
+    callbacks, throughput, averaging, ema = _run_callbacks(cfg, output_dir, bool(logger), report, ema_decay)
     trainer: pl.Trainer = build(cfg.trainer, "trainer", callbacks=callbacks, logger=logger)
     try:
         if logger:
@@ -175,6 +141,62 @@ def _fit(cfg: DictConfig, output_dir: Path) -> dict:
     finally:
         finish_logger(logger)
 
+    return _result(cfg, report, module, trainer, callbacks, throughput, averaging, ema)
+
+
+def _networks_and_method(cfg: DictConfig, datamodule: ClassificationData) -> tuple:
+    """Both networks (the teacher with random weights yet), the method, set up and dry-run on one batch."""
+    teacher_weight_source(cfg.teacher)
+    pl.seed_everything(cfg.teacher.seed, workers=True, verbose=False)  # a trained teacher's init
+    teacher_network = create_network("teacher", cfg.teacher, datamodule.image_size)
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    student = create_network("student", cfg.student, datamodule.image_size)
+    _init_classifier(student, cfg.student.get("classifier_init"))
+    method, loss_weights = build_method(cfg.method)
+    teacher_input = _teacher_input(cfg.teacher, datamodule)
+    student = _setup_method(method, student, teacher_network, datamodule, teacher_input)
+    return teacher_network, student, method, loss_weights, teacher_input
+
+
+def _run_callbacks(cfg: DictConfig, output_dir: Path, has_logger: bool, report: str, ema_decay) -> tuple:
+    """The callbacks of one run, and the three whose results the summary reads."""
+    throughput = TrainThroughput()
+    callbacks = [throughput, ValidateFinalEpoch(), *_standard_callbacks(cfg, output_dir, has_logger)]
+    averaging = (
+        WeightAveraging(cfg.get("average_epochs", 10), output_dir) if report == "weight_average" else None
+    )
+    ema = StudentEMA(ema_decay, output_dir) if ema_decay is not None else None
+    callbacks += [c for c in (averaging, ema) if c is not None]
+    return callbacks, throughput, averaging, ema
+
+
+def _optimization_factories(cfg: DictConfig) -> tuple:
+    """The optimizer and scheduler factories (checked on dummy parameters now, applied by the module)."""
+    optimizer = build_factory(cfg.optimizer, "optimizer", lambda make: make(_dummy_parameters()))
+    scheduler_cfg = OmegaConf.to_container(cfg.scheduler, resolve=True) if cfg.scheduler else {}
+    scheduler_interval = scheduler_cfg.pop("interval", "epoch")
+    scheduler = (
+        build_factory(
+            scheduler_cfg, "scheduler", lambda make: make(torch.optim.SGD(_dummy_parameters(), lr=0.1))
+        )
+        if scheduler_cfg
+        else None
+    )
+    return optimizer, scheduler, scheduler_interval
+
+
+def _report_protocol(cfg: DictConfig) -> tuple[str, float | None]:
+    report, ema_decay = cfg.get("report", "last"), cfg.get("ema_decay")
+    if report not in REPORT_PROTOCOLS:
+        raise UserError(f"report={report!r} is not one of {', '.join(REPORT_PROTOCOLS)}")
+    if report == "ema" and ema_decay is None:
+        raise UserError("report=ema needs an EMA of the student: set ema_decay, e.g. ema_decay=0.99996")
+    return report, ema_decay
+
+
+def _result(cfg, report, module, trainer, callbacks, throughput, averaging, ema) -> dict:
+    """What a finished fit adds to summary.json."""
+    student, teacher, teacher_identity = module.student, module.teacher, module.teacher_identity
     history = module.validation_history
     last_checkpoint, best_checkpoint = (
         next((c for c in callbacks if isinstance(c, ModelCheckpoint) and c.monitor == monitor), None)
@@ -195,7 +217,7 @@ def _fit(cfg: DictConfig, output_dir: Path) -> dict:
         "student_top1_reported": reported,
         "averaged_epochs": averaging.averaged_epochs if averaging else None,
         "student_top1_ema": ema.top1 if ema else None,
-        "ema_decay": ema_decay,
+        "ema_decay": cfg.get("ema_decay"),
         "two_head_inference": has_distill_head(student),
         # The networks as built (a ViT fitted to small images says so); `*_arch` is the configured name.
         "student": built_name(cfg.student.arch, student),
