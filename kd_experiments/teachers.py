@@ -323,23 +323,8 @@ def prepare_teacher_statistics(
     for objective in method.modules():
         if not isinstance(objective, DistillationMethod) or objective.statistics_name is None:
             continue
-        dataset = OmegaConf.to_container(dataset_cfg, resolve=True)
-        payload = {
-            "format": CACHE_FORMAT,
-            "statistic": objective.statistics_name,
-            "teacher_sha256": teacher_identity["sha256"],
-            "teacher_arch": teacher_identity["arch"],
-            "dataset": {k: v for k, v in dataset.items() if k not in DATA_KEYS_IGNORED_BY_CACHE},
-        }
-        if teacher_input is not None:  # the teacher saw re-normalised images: a different statistic
-            payload["teacher_input"] = [
-                buffer.flatten().tolist() for buffer in (teacher_input.scale, teacher_input.shift)
-            ]
-        key = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
-        path = (
-            Path(cache_dir)
-            / "statistics"
-            / f"{objective.statistics_name}-{teacher_identity['arch']}-{key}.pt"
+        path = _statistics_path(
+            objective.statistics_name, teacher_identity, dataset_cfg, cache_dir, teacher_input
         )
         if not _is_rank_zero():
             wait_for_files([path], f"teacher statistics {objective.statistics_name}")
@@ -363,6 +348,27 @@ def prepare_teacher_statistics(
                 f"{time.perf_counter() - started:.2f}s on {device}, cached at {path}"
             )
         objective.set_teacher_statistics(statistics)
+
+
+def _statistics_path(
+    statistic: str, teacher_identity: dict, dataset_cfg: DictConfig, cache_dir: str, teacher_input
+) -> Path:
+    """The cache file of one statistic: keyed by the teacher's content, the data config and the teacher's
+    input normalisation, so an entry of another teacher or data set never matches."""
+    dataset = OmegaConf.to_container(dataset_cfg, resolve=True)
+    payload = {
+        "format": CACHE_FORMAT,
+        "statistic": statistic,
+        "teacher_sha256": teacher_identity["sha256"],
+        "teacher_arch": teacher_identity["arch"],
+        "dataset": {k: v for k, v in dataset.items() if k not in DATA_KEYS_IGNORED_BY_CACHE},
+    }
+    if teacher_input is not None:  # the teacher saw re-normalised images: a different statistic
+        payload["teacher_input"] = [
+            buffer.flatten().tolist() for buffer in (teacher_input.scale, teacher_input.shift)
+        ]
+    key = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+    return Path(cache_dir) / "statistics" / f"{statistic}-{teacher_identity['arch']}-{key}.pt"
 
 
 def _is_rank_zero() -> bool:

@@ -93,11 +93,7 @@ def train(cfg: DictConfig) -> float | None:
 
 def _fit(cfg: DictConfig, output_dir: Path) -> dict:
     torch.set_float32_matmul_precision(cfg.get("matmul_precision", "highest"))
-    pl.seed_everything(cfg.seed, workers=True, verbose=False)
-    datamodule: ClassificationData = build(cfg.dataset, "dataset")
-    datamodule.setup("fit")
-    _check_class_counts(cfg, datamodule)
-
+    datamodule = _seeded_data(cfg)
     # Cheap first: both networks and the method, probed with one batch, so that a shape or feature mistake
     # stops the run in seconds, before a teacher is trained or downloaded and before any statistics pass.
     teacher_network, student, method, loss_weights, teacher_input = _networks_and_method(cfg, datamodule)
@@ -142,6 +138,15 @@ def _fit(cfg: DictConfig, output_dir: Path) -> dict:
         finish_logger(logger)
 
     return _result(cfg, report, module, trainer, callbacks, throughput, averaging, ema)
+
+
+def _seeded_data(cfg: DictConfig) -> ClassificationData:
+    """Seed the run, then build the data and check its class count against both networks' configs."""
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    datamodule: ClassificationData = build(cfg.dataset, "dataset")
+    datamodule.setup("fit")
+    _check_class_counts(cfg, datamodule)
+    return datamodule
 
 
 def _networks_and_method(cfg: DictConfig, datamodule: ClassificationData) -> tuple:
@@ -310,6 +315,28 @@ def _init_classifier(student: torch.nn.Module, init) -> None:
                 tensor.normal_(0.0, std) if std > 0 else tensor.zero_()
 
 
+def _probe(role: str, network, needs, images: torch.Tensor, datamodule: ClassificationData):
+    """One no-grad, eval-mode forward that turns a network refusing the data into one line."""
+    network.eval()
+    try:
+        with torch.no_grad():
+            output = extract_features(network, images, needs)
+    except UserError:
+        raise
+    except Exception as error:  # the network does not take these images (size, channels)
+        reason = " ".join(str(error).split())[:300]
+        raise UserError(
+            f"the {role} ({type(network).__name__}) fails on one batch of {datamodule.name} images of "
+            f"shape {tuple(images.shape[1:])}: {reason}"
+        ) from None
+    if output.logits is not None and output.logits.shape[1] != datamodule.num_classes:
+        raise UserError(
+            f"the {role} predicts {output.logits.shape[1]} classes, but {datamodule.name} has "
+            f"{datamodule.num_classes}"
+        )
+    return output
+
+
 def _setup_method(
     method: Objectives, student, teacher, datamodule: ClassificationData, teacher_input=None
 ) -> torch.nn.Module:
@@ -319,38 +346,17 @@ def _setup_method(
     The teacher may still hold random weights: only shapes matter here. Return the student to train."""
     images, labels = zip(*(datamodule.train_set[index] for index in range(2)), strict=True)
     probe_images, probe_labels = torch.stack(images), torch.as_tensor(labels).long()
-
-    def probe(role, network, needs, images=probe_images):
-        network.eval()
-        try:
-            with torch.no_grad():
-                output = extract_features(network, images, needs)
-        except UserError:
-            raise
-        except Exception as error:  # the network does not take these images (size, channels)
-            reason = " ".join(str(error).split())[:300]
-            raise UserError(
-                f"the {role} ({type(network).__name__}) fails on one batch of {datamodule.name} images of "
-                f"shape {tuple(images.shape[1:])}: {reason}"
-            ) from None
-        if output.logits is not None and output.logits.shape[1] != datamodule.num_classes:
-            raise UserError(
-                f"the {role} predicts {output.logits.shape[1]} classes, but {datamodule.name} has "
-                f"{datamodule.num_classes}"
-            )
-        return output
-
     student_needs = method.student_features | {"logits"}
-    student_probe = probe("student", student, student_needs)
-    teacher_needs = method.teacher_features | {"logits"}
+    student_probe = _probe("student", student, student_needs, probe_images, datamodule)
     teacher_images = teacher_input(probe_images) if teacher_input is not None else probe_images
-    teacher_probe = probe("teacher", teacher, teacher_needs, teacher_images)
+    teacher_needs = method.teacher_features | {"logits"}
+    teacher_probe = _probe("teacher", teacher, teacher_needs, teacher_images, datamodule)
     adapted = student
     for name, objective in method.objectives.items():
         with _objective_errors(name):
             adapted = objective.adapt_student(adapted, student_probe, teacher_probe)
     if adapted is not student:
-        student_probe = probe("student", adapted, student_needs)
+        student_probe = _probe("student", adapted, student_needs, probe_images, datamodule)
     for name, objective in method.objectives.items():
         with _objective_errors(name):
             objective.setup(student_probe, teacher_probe)

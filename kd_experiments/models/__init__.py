@@ -61,42 +61,8 @@ def create_model(
     embedding covers a fixed patch grid) is built for this size instead, with `fitted_patch_size`, unless
     `img_size` / `patch_size` are given in `kwargs`; models that take any size (CNNs) ignore it.
     """
-    if name in ZOO:
-        if pretrained:
-            raise UserError(
-                f"model {name!r} is from the project's CIFAR zoo and has no pretrained tags; "
-                "load weights with teacher.checkpoint=PATH instead"
-            )
-
-        def build(**extra):
-            return ZOO[name](num_classes=num_classes, **kwargs, **extra)
-
-        default_size = getattr(ZOO[name], "default_image_size", None)
-        default_patch = getattr(ZOO[name], "default_patch_size", None)
-        patch_multiple = getattr(ZOO[name], "patch_multiple", 1)
-    else:
-        import timm
-
-        timm_name = name.split(".")[0]
-        if not timm.is_model(timm_name):
-            raise UserError(
-                f"unknown model {name!r}: not in the zoo ({', '.join(sorted(ZOO))}) "
-                "and not a timm model (see timm.list_models())"
-            )
-        full_name, use_pretrained = name, pretrained
-        if isinstance(pretrained, str):
-            full_name, use_pretrained = f"{timm_name}.{pretrained}", True
-
-        def build(**extra):
-            return timm.create_model(
-                full_name, pretrained=use_pretrained, num_classes=num_classes, **kwargs, **extra
-            )
-
-        default_size = _timm_default_image_size(timm_name)
-        in_name = PATCH_IN_NAME.search(timm_name)
-        default_patch = int(in_name.group(1)) if in_name else None
-        patch_multiple = 1
-
+    make = _zoo_builder if name in ZOO else _timm_builder
+    build, default_size, default_patch, patch_multiple = make(name, num_classes, pretrained, kwargs)
     if image_size is None or default_size is None or image_size == default_size or "img_size" in kwargs:
         return build()
     fitted = {"img_size": image_size}
@@ -112,6 +78,49 @@ def create_model(
             raise
         return build()
     return _fitted(model, fitted)
+
+
+def _zoo_builder(name: str, num_classes: int, pretrained, kwargs: dict) -> tuple:
+    """A builder for a CIFAR-zoo model, its default input size, patch size and patch multiple."""
+    if pretrained:
+        raise UserError(
+            f"model {name!r} is from the project's CIFAR zoo and has no pretrained tags; "
+            "load weights with teacher.checkpoint=PATH instead"
+        )
+
+    def build(**extra):
+        return ZOO[name](num_classes=num_classes, **kwargs, **extra)
+
+    cls = ZOO[name]
+    return (
+        build,
+        getattr(cls, "default_image_size", None),
+        getattr(cls, "default_patch_size", None),
+        getattr(cls, "patch_multiple", 1),
+    )
+
+
+def _timm_builder(name: str, num_classes: int, pretrained, kwargs: dict) -> tuple:
+    """A builder for a timm model (`pretrained`: True or a tag), its default input and patch size."""
+    import timm
+
+    timm_name = name.split(".")[0]
+    if not timm.is_model(timm_name):
+        raise UserError(
+            f"unknown model {name!r}: not in the zoo ({', '.join(sorted(ZOO))}) "
+            "and not a timm model (see timm.list_models())"
+        )
+    full_name, use_pretrained = name, pretrained
+    if isinstance(pretrained, str):
+        full_name, use_pretrained = f"{timm_name}.{pretrained}", True
+
+    def build(**extra):
+        return timm.create_model(
+            full_name, pretrained=use_pretrained, num_classes=num_classes, **kwargs, **extra
+        )
+
+    in_name = PATCH_IN_NAME.search(timm_name)
+    return build, _timm_default_image_size(timm_name), int(in_name.group(1)) if in_name else None, 1
 
 
 def _fitted(model: nn.Module, fitted: dict) -> nn.Module:
