@@ -3,6 +3,7 @@ Mixup), exercised on data the tests generate in the on-disk layouts the real dat
 
 import json
 import pickle
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -233,3 +234,38 @@ def test_repeated_augmentation_and_ema_under_ddp(tmp_path):
     summary = json.loads(next(tmp_path.glob("outputs/runs/*/*/summary.json")).read_text())
     # 30 images / 2 ranks = 15 per rank = 4 batches of 4; sharded a second time it would be 2 batches
     assert summary["steps"] == 4 and summary["student_top1_ema"] is not None
+
+
+class _Payload:
+    """Unpickling this calls Path.write_text(marker, "payload ran"): what a poisoned batch could run."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return Path.write_text, (Path(self.marker), "payload ran")
+
+
+def test_a_poisoned_cifar_batch_is_refused_in_one_line_and_never_runs(tmp_path):
+    folder = write_cifar(tmp_path, "cifar10")
+    marker = tmp_path / "payload_ran.txt"
+    with open(folder / "data_batch_1", "wb") as handle:
+        pickle.dump({"data": _Payload(marker), "labels": [0]}, handle)
+    data = CIFARData(root=str(tmp_path), variant="cifar10", num_classes=10, batch_size=4, num_workers=0)
+    with pytest.raises(UserError) as refused:
+        data.setup()
+    message = str(refused.value)
+    assert "data_batch_1 is not a CIFAR batch: its pickle asks for pathlib.Path.write_text" in message
+    assert "\n" not in message and not marker.exists()
+
+
+def test_cifar_batches_give_the_pixels_and_labels_they_hold(tmp_path):
+    folder = write_cifar(tmp_path, "cifar10", train=10, test=5)
+    with open(folder / "data_batch_1", "rb") as handle:
+        first = pickle.load(handle)
+    data = CIFARData(root=str(tmp_path), variant="cifar10", num_classes=10, batch_size=4, num_workers=0)
+    data.setup()
+    assert data.train_set.data.shape == (10, 32, 32, 3) and len(data.val_set.targets) == 5
+    # row 0 of data_batch_1 is channel-major: its first 1024 bytes are the red plane
+    np.testing.assert_array_equal(data.train_set.data[0, :, :, 0].reshape(-1), first["data"][0, :1024])
+    assert data.train_set.targets[:2] == first["labels"] and data.train_set.classes[3] == "class3"

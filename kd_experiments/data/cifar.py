@@ -3,7 +3,9 @@
 import pickle
 from pathlib import Path
 
+import numpy as np
 from torchvision import datasets, transforms
+from torchvision.datasets.vision import VisionDataset
 
 from kd_experiments.data.base import ClassificationData
 from kd_experiments.errors import UserError
@@ -16,16 +18,69 @@ STATISTICS = {
 TORCHVISION_CLASSES = {"cifar100": datasets.CIFAR100, "cifar10": datasets.CIFAR10}
 
 
+# What a CIFAR batch may build when unpickled: numpy arrays (the images) and plain containers, which need no
+# global at all (dicts, lists, strings, numbers). numpy 1 pickles name numpy.core, numpy 2 numpy._core.
+SAFE_PICKLE_GLOBALS = {
+    (module, name)
+    for module in ("numpy.core.multiarray", "numpy._core.multiarray")
+    for name in ("_reconstruct", "scalar")
+} | {("numpy", "ndarray"), ("numpy", "dtype")}
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """pickle, but a global other than numpy's array constructors is refused: a poisoned batch file (whose
+    pickle would call os.system or the like) raises instead of running its payload."""
+
+    def __init__(self, file, path: Path):
+        super().__init__(file, encoding="latin1")  # the batches were written by Python 2
+        self.path = path
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in SAFE_PICKLE_GLOBALS:
+            raise UserError(
+                f"{self.path} is not a CIFAR batch: its pickle asks for {module}.{name}, and a CIFAR batch "
+                "holds only arrays and lists; it was refused unread. Delete the folder and download again "
+                "with dataset.download=true"
+            )
+        return super().find_class(module, name)
+
+
+def read_cifar_pickle(path: Path) -> dict:
+    with open(path, "rb") as handle:
+        return _CifarUnpickler(handle, path).load()
+
+
 def _local_copy(base: type) -> type:
-    """The torchvision class, trusting a local copy whose files exist: refusing a user's (or a test's) own
-    copy in the same layout for its checksums would hide the real loader. `download=True` still verifies
-    the md5 of the archive it fetches."""
+    """The torchvision class, reading its batches with `read_cifar_pickle` (torchvision's own loader calls
+    pickle.load, which runs whatever a poisoned file asks for) and trusting a local copy whose files exist:
+    refusing a user's (or a test's) own copy in the same layout for its checksums would hide the real
+    loader. `download=True` still verifies the md5 of the archive it fetches."""
 
     class LocalCIFAR(base):
         # md5 None: torchvision's check_integrity then only checks that each file exists.
         train_list = [[name, None] for name, _ in base.train_list]
         test_list = [[name, None] for name, _ in base.test_list]
         meta = {**base.meta, "md5": None}
+
+        def __init__(self, root, train: bool = True, transform=None, download: bool = False):
+            VisionDataset.__init__(self, root, transform=transform)
+            self.train = train
+            if download:
+                self.download()
+            if not self._check_integrity():
+                raise RuntimeError("Dataset not found or corrupted")
+            folder = Path(self.root, self.base_folder)
+            entries = [
+                read_cifar_pickle(folder / name) for name, _ in (self.train_list if train else self.test_list)
+            ]
+            # N x 3072 rows in CHW order -> N x 32 x 32 x 3, as torchvision keeps them
+            self.data = (
+                np.vstack([entry["data"] for entry in entries]).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+            )
+            label_key = "labels" if "labels" in entries[0] else "fine_labels"
+            self.targets = [int(label) for entry in entries for label in entry[label_key]]
+            self.classes = read_cifar_pickle(folder / self.meta["filename"])[self.meta["key"]]
+            self.class_to_idx = {name: index for index, name in enumerate(self.classes)}
 
     LocalCIFAR.__name__ = base.__name__
     return LocalCIFAR
