@@ -6,6 +6,7 @@ import hydra
 from omegaconf import DictConfig
 
 from kd_experiments.errors import UserError
+from kd_experiments.sweep import in_multirun, record_failed_job
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
@@ -16,6 +17,9 @@ def main(cfg: DictConfig) -> float | None:
         return train(cfg)
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
+        if in_multirun():  # the other jobs still run; the sweep ends non-zero and names this one
+            record_failed_job(str(error))
+            return None
         sys.exit(2)
 
 

@@ -2,6 +2,7 @@
 
 import json
 import re
+from pathlib import Path
 
 import torch
 
@@ -72,6 +73,27 @@ def test_multirun_sweep_gives_each_job_its_own_dir_and_summary(workdir):
     assert all(s["status"] == "completed" for s in summaries)
     # ce needs no teacher forward in training, but still reports the teacher's accuracy
     assert all(s["teacher_top1"] > 90 for s in summaries)
+
+
+def test_a_job_that_fails_in_one_line_does_not_stop_the_sweep(workdir):
+    # jobs 0 and 2 are refused (7 classes on the 10-class digits); jobs 1 and 3 must still run
+    result = run_cli(
+        "-m", "method=kd,ce", "student.num_classes=7,10", "trainer.max_epochs=1", "logger=none", cwd=workdir
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr[-3000:]
+    summaries = [json.loads(p.read_text()) for p in workdir.glob("outputs/multirun/*/*/*/summary.json")]
+    assert sorted((Path(s["output_dir"]).name, s["status"]) for s in summaries) == [
+        ("0", "failed"), ("1", "completed"), ("2", "failed"), ("3", "completed"),
+    ]  # fmt: skip
+    errors = [
+        line for line in result.stderr.splitlines() if not line.startswith(" ") and "Warning" not in line
+    ]
+    message = "student.num_classes=7 but dataset digits has 10 classes"
+    assert errors == [f"error: {message}; set student.num_classes=10"] * 2 + ["error: 2 sweep job(s) failed:"]
+    assert (
+        f"  #0 (method=kd student.num_classes=7 trainer.max_epochs=1 logger=none): {message}" in result.stderr
+    )
+    assert "  #2 (method=ce student.num_classes=7" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_wandb_runs_offline_without_credentials_and_keeps_the_history(workdir):
