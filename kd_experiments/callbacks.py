@@ -10,6 +10,7 @@ from timm.utils import ModelEmaV3
 from torch.optim.swa_utils import AveragedModel
 
 from kd_experiments.errors import UserError
+from kd_experiments.files import atomic_torch_save
 
 
 def progress_bar() -> pl.Callback:
@@ -131,7 +132,7 @@ class WeightAveraging(pl.Callback):
         self.top1 = top1_on(model, trainer.datamodule.val_dataloader(), pl_module.device)
         if trainer.is_global_zero:
             self.output_path.parent.mkdir(parents=True, exist_ok=True)
-            torch.save(model.state_dict(), self.output_path)
+            atomic_torch_save(model.state_dict(), self.output_path)
 
 
 class StudentEMA(pl.Callback):
@@ -169,7 +170,7 @@ class StudentEMA(pl.Callback):
         self.top1 = top1_on(self.ema.module, trainer.datamodule.val_dataloader(), pl_module.device)
         if trainer.is_global_zero:
             self.output_path.parent.mkdir(parents=True, exist_ok=True)
-            torch.save(self.ema.module.state_dict(), self.output_path)
+            atomic_torch_save(self.ema.module.state_dict(), self.output_path)
 
     def state_dict(self) -> dict:
         return {"ema_student": self.ema.module.state_dict()} if self.ema is not None else {}

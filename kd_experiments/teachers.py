@@ -9,7 +9,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -24,6 +23,7 @@ from torch import nn
 from kd_experiments.callbacks import top1_on
 from kd_experiments.data.base import ClassificationData
 from kd_experiments.errors import UserError
+from kd_experiments.files import atomic_torch_save, atomic_write_text
 from kd_experiments.models import create_model
 
 log = logging.getLogger(__name__)
@@ -258,10 +258,10 @@ def _cached_or_trained(
     val_top1 = _train_with_cross_entropy(model, datamodule, recipe, teacher_cfg.seed)
     train_s = time.perf_counter() - started
     cache_dir.mkdir(parents=True, exist_ok=True)
-    _atomic_torch_save(model.state_dict(), weights_path)
+    atomic_torch_save(model.state_dict(), weights_path)
     meta = {"arch": teacher_cfg.arch, "key": key, "val_top1": val_top1, "train_s": round(train_s, 2)}
     meta |= {"recipe": OmegaConf.to_container(recipe, resolve=True), "seed": teacher_cfg.seed}
-    _atomic_write_text(json.dumps(meta, indent=2), meta_path)
+    atomic_write_text(json.dumps(meta, indent=2), meta_path)
     log.info(f"Teacher {teacher_cfg.arch}: val top-1 {val_top1:.2f}% after {train_s:.1f}s; cached")
     return {"source": "trained", "path": str(weights_path.resolve()), "sha256": file_sha256(weights_path)} | {
         "trained_top1": val_top1,
@@ -342,7 +342,7 @@ def prepare_teacher_statistics(
             teacher.cpu()
             statistics = {name: value.cpu() for name, value in statistics.items()}
             path.parent.mkdir(parents=True, exist_ok=True)
-            _atomic_torch_save(statistics, path)
+            atomic_torch_save(statistics, path)
             log.info(
                 f"Teacher statistics {objective.statistics_name}: computed in "
                 f"{time.perf_counter() - started:.2f}s on {device}, cached at {path}"
@@ -417,20 +417,6 @@ def _statistics_batches(datamodule: ClassificationData, teacher_input: nn.Module
         return loader
     teacher_input = teacher_input.to(device)
     return ((teacher_input(images.to(device)), labels) for images, labels in loader)
-
-
-def _atomic_torch_save(obj, path: Path) -> None:
-    descriptor, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    os.close(descriptor)
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def _atomic_write_text(text: str, path: Path) -> None:
-    descriptor, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(descriptor, "w") as handle:
-        handle.write(text)
-    os.replace(tmp, path)
 
 
 def check_teacher_reference(

@@ -1,9 +1,6 @@
 """compose -> instantiate -> fit -> summary.json: one run of the framework."""
 
-import json
 import logging
-import os
-import tempfile
 import time
 import warnings
 from contextlib import contextmanager
@@ -32,6 +29,7 @@ from kd_experiments.callbacks import (
 )
 from kd_experiments.data.base import ClassificationData, Renormalize
 from kd_experiments.errors import UserError
+from kd_experiments.files import atomic_write_json
 from kd_experiments.loggers import finish_logger
 from kd_experiments.methods.compose import LossWeights, Objectives, assemble
 from kd_experiments.models import built_name, extract_features
@@ -85,7 +83,7 @@ def train(cfg: DictConfig) -> float | None:
     finally:
         summary["wall_s"] = round(time.perf_counter() - started, 2)
         if rank_zero_only.rank == 0:  # under DDP every rank runs this function; one writes
-            write_json_atomically(summary, summary_path)
+            atomic_write_json(summary, summary_path)
     if rank_zero_only.rank == 0:
         _print_result_table(summary)
     return summary["student_top1_best"]
@@ -450,16 +448,6 @@ def _task_overrides() -> list[str]:
     if not HydraConfig.initialized():
         return []
     return list(HydraConfig.get().overrides.task)
-
-
-def write_json_atomically(payload: dict, path: Path) -> None:
-    """Write to a temporary file beside `path`, then rename: a crash never leaves half a summary."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(descriptor, "w") as handle:
-        json.dump(payload, handle, indent=2, default=str)
-        handle.write("\n")
-    os.replace(tmp, path)
 
 
 def _print_result_table(summary: dict) -> None:
