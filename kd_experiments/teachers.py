@@ -89,7 +89,8 @@ def build_teacher(
     cache_dir: str,
     network: nn.Module | None = None,
 ) -> tuple[nn.Module, dict]:
-    """Return the teacher (weights loaded, frozen, eval mode) and its identity (arch, source, sha256).
+    """Return the teacher (weights loaded, frozen, eval mode) and its identity (arch, source, sha256 of the
+    weights' content, file_sha256 of the file they came from, if any).
 
     `network` is the teacher architecture already built (and probed) with random weights; the weights are
     loaded into it, except timm's pretrained ones, for which timm builds the network anew."""
@@ -104,18 +105,21 @@ def build_teacher(
     if source == "teacher.checkpoint":
         path = Path(teacher_cfg.checkpoint).expanduser()
         load_weights(model, read_state_dict(path), arch, str(path))
-        identity |= {"source": "checkpoint", "path": str(path.resolve()), "sha256": file_sha256(path)}
+        identity |= {"source": "checkpoint", "path": str(path.resolve()), "file_sha256": file_sha256(path)}
     elif source == "teacher.pretrained":
         tag = "default" if teacher_cfg.pretrained is True else teacher_cfg.pretrained
-        identity |= {"source": f"timm:{tag}", "sha256": state_dict_sha256(model.state_dict())}
+        identity |= {"source": f"timm:{tag}"}
     elif source == "teacher.weights":
         log.warning(
             "TEACHER WEIGHTS ARE RANDOM (teacher.weights=random): distillation results are meaningless; "
             "use this only for benchmarks"
         )
-        identity |= {"source": "random", "sha256": state_dict_sha256(model.state_dict())}
+        identity |= {"source": "random"}
     else:
         identity |= _cached_or_trained(model, teacher_cfg, dataset_cfg, datamodule, Path(cache_dir))
+    # The weights' content, not the file's bytes (a zip whose member names vary from one save to the next):
+    # the statistics cache is keyed on it.
+    identity["sha256"] = state_dict_sha256(model.state_dict())
     return model.eval().requires_grad_(False), identity
 
 
@@ -243,7 +247,7 @@ def _cached_or_trained(
         return {
             "source": "cache",
             "path": str(weights_path.resolve()),
-            "sha256": file_sha256(weights_path),
+            "file_sha256": file_sha256(weights_path),
         } | {
             "trained_top1": meta.get("val_top1"),
             "train_s": meta.get("train_s"),
@@ -263,7 +267,11 @@ def _cached_or_trained(
     meta |= {"recipe": OmegaConf.to_container(recipe, resolve=True), "seed": teacher_cfg.seed}
     atomic_write_text(json.dumps(meta, indent=2), meta_path)
     log.info(f"Teacher {teacher_cfg.arch}: val top-1 {val_top1:.2f}% after {train_s:.1f}s; cached")
-    return {"source": "trained", "path": str(weights_path.resolve()), "sha256": file_sha256(weights_path)} | {
+    return {
+        "source": "trained",
+        "path": str(weights_path.resolve()),
+        "file_sha256": file_sha256(weights_path),
+    } | {
         "trained_top1": val_top1,
         "train_s": round(train_s, 2),
     }

@@ -231,7 +231,8 @@ def _result(cfg, report, module, trainer, callbacks, throughput, averaging, ema)
         "teacher_top1": module.teacher_top1,
         "teacher_reference_top1": cfg.teacher.get("reference_top1"),
         "teacher_source": teacher_identity.get("source"),
-        "teacher_sha256": teacher_identity.get("sha256"),
+        "teacher_sha256": teacher_identity.get("sha256"),  # of the weights' content
+        "teacher_file_sha256": teacher_identity.get("file_sha256"),
         "epochs": trainer.current_epoch,
         "steps": trainer.global_step,
         "train_images_per_s": round(throughput.images_per_s, 1) if throughput.images_per_s else None,

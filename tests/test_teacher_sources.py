@@ -9,7 +9,7 @@ import torch
 from omegaconf import OmegaConf
 
 from kd_experiments.models import create_model
-from kd_experiments.teachers import build_teacher
+from kd_experiments.teachers import build_teacher, state_dict_sha256
 from tests.conftest import QUICK, run_cli, run_summaries
 
 
@@ -40,7 +40,21 @@ def test_checkpoint_file_layouts(tmp_path, layout):
     assert_same_weights(teacher, source)
     assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
     assert identity["source"] == "checkpoint"
-    assert identity["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert identity["file_sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert identity["sha256"] == state_dict_sha256(source)  # the weights, however they were stored
+
+
+def test_two_saves_of_one_teacher_have_one_identity(tmp_path):
+    # torch.save names the zip's members after the file, so two files of the same tensors differ in bytes
+    weights = create_model("convnet_wide", num_classes=10, in_chans=1).state_dict()
+    identities = []
+    for name in ("a.pt", "b.pt"):
+        torch.save(weights, tmp_path / name)
+        identities.append(
+            build_teacher(teacher_cfg(checkpoint=str(tmp_path / name)), None, None, str(tmp_path))[1]
+        )
+    assert identities[0]["file_sha256"] != identities[1]["file_sha256"]
+    assert identities[0]["sha256"] == identities[1]["sha256"] == state_dict_sha256(weights)
 
 
 def test_lightning_checkpoint_of_an_earlier_run_is_a_teacher(project_dir, tmp_path):
