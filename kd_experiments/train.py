@@ -29,7 +29,7 @@ from kd_experiments.callbacks import (
 )
 from kd_experiments.data.base import ClassificationData, Renormalize
 from kd_experiments.errors import UserError
-from kd_experiments.files import atomic_write_json
+from kd_experiments.files import atomic_write_json, atomic_write_text
 from kd_experiments.loggers import finish_logger
 from kd_experiments.methods.compose import LossWeights, Objectives, assemble
 from kd_experiments.models import built_name, extract_features
@@ -59,6 +59,7 @@ def train(cfg: DictConfig) -> float | None:
     summary_path = output_dir / "summary.json"
     if summary_path.exists():
         raise UserError(f"{output_dir} already holds a finished run (summary.json); pick a new hydra.run.dir")
+    _save_run_config(cfg, output_dir)
     summary = {
         "status": "running",
         "method": cfg.method.name,
@@ -87,6 +88,19 @@ def train(cfg: DictConfig) -> float | None:
     if rank_zero_only.rank == 0:
         _print_result_table(summary)
     return summary["student_top1_best"]
+
+
+def _save_run_config(cfg: DictConfig, output_dir: Path) -> None:
+    """`.hydra/config.yaml`, `hydra.yaml` and `overrides.yaml`, as Hydra writes them, but only once the run is
+    known to be new: conf/hydra/default.yaml turns Hydra's own copy off (`output_subdir: null`), which it
+    would write before the task starts, over a finished run's files too."""
+    if not HydraConfig.initialized() or rank_zero_only.rank != 0:
+        return
+    hydra_cfg = HydraConfig.get()
+    folder = output_dir / ".hydra"
+    atomic_write_text(OmegaConf.to_yaml(cfg), folder / "config.yaml")
+    atomic_write_text(OmegaConf.to_yaml(OmegaConf.create({"hydra": hydra_cfg})), folder / "hydra.yaml")
+    atomic_write_text(OmegaConf.to_yaml(list(hydra_cfg.overrides.task)), folder / "overrides.yaml")
 
 
 def _fit(cfg: DictConfig, output_dir: Path) -> dict:

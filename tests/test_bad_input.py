@@ -104,7 +104,11 @@ def test_unknown_group_option_lists_the_options(bad_files):
 
 def test_a_finished_run_directory_is_never_overwritten(bad_files):
     previous = bad_files / "outputs/runs/2020-01-01/previous_run"
-    result = run_cli(*QUICK, f"hydra.run.dir={previous}", cwd=bad_files)
+    (previous / ".hydra").mkdir()
+    (previous / ".hydra/config.yaml").write_text("seed: 0\n")
+    (previous / "__main__.log").write_text("the earlier run's log\n")
+    before = snapshot(previous)
+    result = run_cli(*QUICK, "seed=5", f"hydra.run.dir={previous}", cwd=bad_files)
     assert result.returncode == 2
     assert "already holds a finished run" in result.stderr
-    assert (previous / "summary.json").read_text() == '{"status": "completed"}'
+    assert snapshot(previous) == before  # not a byte changed, not a file added
