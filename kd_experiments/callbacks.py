@@ -47,6 +47,41 @@ class ValidateFinalEpoch(pl.Callback):
             trainer.check_val_every_n_epoch = 1
 
 
+class NonFiniteWatch:
+    """Remembers, on the device, the first step at which each loss term was NaN or infinite, so the training
+    step needs no host sync; `raise_if_nonfinite` (every few steps and at each epoch's end) stops the run
+    with one line naming the term, its value and that step."""
+
+    def __init__(self, names):
+        self.names = list(names)
+        self.first_step: torch.Tensor | None = None
+        self.first_value: torch.Tensor | None = None
+
+    def update(self, terms: dict, step: int) -> None:
+        values = torch.stack([terms[name].detach().float() for name in self.names])
+        if self.first_step is None or self.first_step.device != values.device:
+            self.first_step = torch.full_like(values, -1, dtype=torch.long)
+            self.first_value = torch.zeros_like(values)
+        first = ~torch.isfinite(values) & (self.first_step < 0)
+        self.first_step = torch.where(first, step, self.first_step)
+        self.first_value = torch.where(first, values, self.first_value)
+
+    def raise_if_nonfinite(self, step: int) -> None:
+        if self.first_step is None:
+            return
+        bad = [
+            (int(s), name, float(v))
+            for name, s, v in zip(self.names, self.first_step, self.first_value, strict=True)
+            if s >= 0
+        ]
+        if bad:
+            first_step, name, value = min(bad)
+            raise UserError(
+                f"loss term {name} became {value} at step {first_step} (stopped at step {step}; the "
+                "checkpoints of earlier epochs are kept): lower optimizer.lr, or check this term's weight"
+            )
+
+
 class TrainThroughput(pl.Callback):
     """Training images per second, counting batch loading and the optimizer step but not validation.
 

@@ -14,6 +14,7 @@ from torch import nn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
+from kd_experiments.callbacks import NonFiniteWatch
 from kd_experiments.errors import UserError
 from kd_experiments.methods.compose import LossWeights, Objectives
 from kd_experiments.models.features import extract_features
@@ -68,6 +69,7 @@ class DistillationModule(pl.LightningModule):
         self.clip_scaled_gradients = clip_scaled_gradients
 
         self.train_means = nn.ModuleDict({name: MeanMetric() for name in (*method.terms, "loss")})
+        self.nonfinite_watch = NonFiniteWatch(method.terms)
         self.val_top1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
         self.val_top5 = MulticlassAccuracy(num_classes, top_k=min(5, num_classes), average="micro")
         self.teacher_val_top1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
@@ -99,6 +101,7 @@ class DistillationModule(pl.LightningModule):
                 teacher_out = extract_features(self.teacher, teacher_images, self.method.teacher_features)
         student_out = extract_features(self.student, images, self.method.student_features)
         terms = self.method(student_out, teacher_out, targets)
+        self.nonfinite_watch.update(terms, self.global_step)
         weights = self.loss_weights.at(self.current_epoch)
         loss = sum(weights[name] * value for name, value in terms.items())
 
@@ -110,6 +113,13 @@ class DistillationModule(pl.LightningModule):
             self.train_means[name].update(value, weight=batch_size)
             self.log(f"train/{name}_epoch", self.train_means[name], on_step=False, on_epoch=True)
         return loss
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        if (self.global_step % self.trainer.log_every_n_steps == 0) or self.trainer.fit_loop.epoch_loop.done:
+            self.nonfinite_watch.raise_if_nonfinite(self.global_step)
+
+    def on_train_epoch_end(self) -> None:
+        self.nonfinite_watch.raise_if_nonfinite(self.global_step)
 
     def on_validation_epoch_start(self) -> None:
         self._measuring_teacher = (

@@ -58,6 +58,10 @@ CASES = {
     "weight without objective": (["+method.weights.nd=1.0"], "give exactly one weight per term"),
     "old objective key": (["+method.objective.temperature=2"], "method.objective is now method.objectives"),
     "second head on a CNN": (["method=deit"], "ConvNet has one head; use a two-headed DeiT student"),
+    "exploding loss": (
+        ["optimizer.lr=1e6"],
+        "; the checkpoints of earlier epochs are kept): lower optimizer.lr, or check this term's weight",
+    ),
     "ViT built for other images": (
         ["student.arch=deit_tiny_patch16_224", "+student.model_kwargs.img_size=224"],
         "the student (VisionTransformer) fails on one batch of digits images of shape (1, 8, 8)",

@@ -252,3 +252,16 @@ def test_the_final_epoch_is_validated_whatever_the_validation_interval(tmp_path)
     )  # fmt: skip
     trainer.fit(module, loader, loader)
     assert module.validated == [2, 5, 6]
+
+
+def test_the_first_non_finite_loss_term_is_named_with_its_step_and_value():
+    from kd_experiments.callbacks import NonFiniteWatch
+    from kd_experiments.errors import UserError
+
+    watch = NonFiniteWatch(["ce", "kd"])
+    for step, (ce, kd) in enumerate([(1.0, 2.0), (0.5, float("nan")), (float("inf"), float("nan"))]):
+        watch.update({"ce": torch.tensor(ce), "kd": torch.tensor(kd)}, step)
+        if step == 0:
+            watch.raise_if_nonfinite(step)  # all finite: nothing happens
+    with pytest.raises(UserError, match=r"^loss term kd became nan at step 1 \(stopped at step 2;"):
+        watch.raise_if_nonfinite(2)
