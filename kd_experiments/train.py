@@ -90,6 +90,20 @@ def train(cfg: DictConfig) -> float | None:
     return summary["student_top1_best"]
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_run_numbers(cfg: DictConfig) -> None:
+    """The run's own integers, checked before anything is built (they would fail deep in numpy/Lightning)."""
+    if not _is_int(cfg.seed) or not 0 <= cfg.seed < 2**32:
+        raise UserError(f"seed must be an integer from 0 to 2**32 - 1, got {cfg.seed!r}")
+    for key, smallest in (("max_epochs", -1), ("max_steps", -1), ("check_val_every_n_epoch", 1)):
+        value = cfg.trainer.get(key)
+        if value is not None and (not _is_int(value) or value < smallest):
+            raise UserError(f"trainer.{key} must be an integer >= {smallest}, got {value!r}")
+
+
 def _save_run_config(cfg: DictConfig, output_dir: Path) -> None:
     """`.hydra/config.yaml`, `hydra.yaml` and `overrides.yaml`, as Hydra writes them, but only once the run is
     known to be new: conf/hydra/default.yaml turns Hydra's own copy off (`output_subdir: null`), which it
@@ -104,6 +118,7 @@ def _save_run_config(cfg: DictConfig, output_dir: Path) -> None:
 
 
 def _fit(cfg: DictConfig, output_dir: Path) -> dict:
+    _check_run_numbers(cfg)
     torch.set_float32_matmul_precision(cfg.get("matmul_precision", "highest"))
     datamodule = _seeded_data(cfg)
     # Cheap first: both networks and the method, probed with one batch, so that a shape or feature mistake

@@ -58,6 +58,15 @@ CASES = {
     "weight without objective": (["+method.weights.nd=1.0"], "give exactly one weight per term"),
     "old objective key": (["+method.objective.temperature=2"], "method.objective is now method.objectives"),
     "second head on a CNN": (["method=deit"], "ConvNet has one head; use a two-headed DeiT student"),
+    "epochs not a number": (
+        ["trainer.max_epochs=abc"],
+        "trainer.max_epochs must be an integer >= -1, got 'abc'",
+    ),
+    "negative seed": (["seed=-1"], "seed must be an integer from 0 to 2**32 - 1, got -1"),
+    "zero validation interval": (
+        ["trainer.check_val_every_n_epoch=0"],
+        "trainer.check_val_every_n_epoch must be an integer >= 1, got 0",
+    ),
     "exploding loss": (
         ["optimizer.lr=1e6"],
         "; the checkpoints of earlier epochs are kept): lower optimizer.lr, or check this term's weight",
