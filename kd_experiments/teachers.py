@@ -164,7 +164,8 @@ def _describe_load_error(error: Exception) -> str:
             name = detail.split("GLOBAL", 1)[1].split()[0] if "GLOBAL" in detail else "a Python object"
             return f"it stores pickled objects ({name}), not only tensors; save model.state_dict() instead"
         return f"not a readable PyTorch checkpoint ({detail.split('. ')[0].rstrip('.')})"
-    return f"not a readable PyTorch checkpoint ({type(error).__name__}: {text[:200]})"
+    first_sentence = text.split(". ")[0].rstrip(".")  # torch's later sentences are advice, not the fault
+    return f"not a readable PyTorch checkpoint, truncated or not a torch.save file ({first_sentence})"
 
 
 def load_weights(model: nn.Module, state_dict: Mapping[str, torch.Tensor], arch: str, where: str) -> None:
@@ -226,6 +227,20 @@ def teacher_cache_key(teacher_cfg: DictConfig, dataset_cfg: DictConfig) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def _read_cached_teacher(model: nn.Module, arch: str, weights_path: Path, meta_path: Path) -> dict | None:
+    """Load a cached teacher into `model` and return its metadata; None when there is no entry, or when the
+    entry is unreadable (a truncated file after a crash or a full disk), which is then retrained over."""
+    if not (weights_path.is_file() and meta_path.is_file()):
+        return None
+    try:
+        meta = json.loads(meta_path.read_text())
+        load_weights(model, read_state_dict(weights_path), arch, str(weights_path))
+    except (UserError, ValueError) as error:  # json.JSONDecodeError is a ValueError
+        log.warning(f"Teacher {arch}: the cache entry {weights_path} is unreadable ({error}); training anew")
+        return None
+    return meta
+
+
 def _cached_or_trained(
     model: nn.Module,
     teacher_cfg: DictConfig,
@@ -240,9 +255,8 @@ def _cached_or_trained(
     # and, training not being bit-reproducible across devices, could distil from different teachers.
     if not _is_rank_zero():
         wait_for_files([weights_path, meta_path], f"the CE-trained teacher {teacher_cfg.arch}")
-    if weights_path.is_file() and meta_path.is_file():
-        load_weights(model, read_state_dict(weights_path), teacher_cfg.arch, str(weights_path))
-        meta = json.loads(meta_path.read_text())
+    meta = _read_cached_teacher(model, teacher_cfg.arch, weights_path, meta_path)
+    if meta is not None:
         log.info(f"Teacher {teacher_cfg.arch}: reusing cached weights {weights_path}")
         return {
             "source": "cache",
@@ -336,8 +350,8 @@ def prepare_teacher_statistics(
         )
         if not _is_rank_zero():
             wait_for_files([path], f"teacher statistics {objective.statistics_name}")
-        if path.is_file():
-            statistics = torch.load(path, map_location="cpu", weights_only=True)
+        statistics = _read_cached_statistics(path)
+        if statistics is not None:
             log.info(f"Teacher statistics {objective.statistics_name}: reusing {path}")
         else:
             device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -356,6 +370,17 @@ def prepare_teacher_statistics(
                 f"{time.perf_counter() - started:.2f}s on {device}, cached at {path}"
             )
         objective.set_teacher_statistics(statistics)
+
+
+def _read_cached_statistics(path: Path) -> dict | None:
+    """A cached statistic, or None when absent or unreadable (truncated): then it is computed anew."""
+    if not path.is_file():
+        return None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch reports a truncated zip in several exception types
+        log.warning(f"Teacher statistics: the cache entry {path} is unreadable ({error}); computing it anew")
+        return None
 
 
 def _statistics_path(

@@ -19,6 +19,7 @@ def bad_files(workdir):
     torch.save([1, 2, 3], workdir / "a_list.pt")
     torch.save({"model": torch.nn.Linear(2, 2)}, workdir / "pickled_module.pt")
     torch.save(create_model("resnet20", num_classes=10, in_chans=1).state_dict(), workdir / "resnet20.pt")
+    (workdir / "truncated.pt").write_bytes((workdir / "resnet20.pt").read_bytes()[:1000])
     # something earlier runs left behind, which no failed run may touch
     previous = workdir / "outputs/runs/2020-01-01/previous_run"
     previous.mkdir(parents=True)
@@ -35,6 +36,11 @@ CASES = {
     "unreadable checkpoint": (
         ["teacher.checkpoint=garbage.pt"],
         "could not read teacher checkpoint garbage.pt",
+    ),
+    "truncated checkpoint": (
+        ["teacher.checkpoint=truncated.pt"],
+        "truncated or not a torch.save file (PytorchStreamReader failed reading zip archive: failed finding "
+        "central directory)",
     ),
     "pickled objects": (["teacher.checkpoint=pickled_module.pt"], "save model.state_dict() instead"),
     "not a state dict": (["teacher.checkpoint=a_list.pt"], "holds a list, not a state dict"),

@@ -2,6 +2,7 @@
 from a local file, and what a W&B failure does to a run."""
 
 import hashlib
+import json
 
 import pytest
 import timm
@@ -109,3 +110,45 @@ def test_wandb_logging_errors_do_not_fail_a_run(monkeypatch, tmp_path):
     logger.log_metrics({"val/student_top1": 51.0}, step=2)
     logger.finalize("success")
     assert logger._failed
+
+
+def test_a_truncated_cache_entry_is_a_miss_that_is_trained_or_computed_anew(tmp_path, caplog):
+    from kd_experiments.train import train
+    from tests.conftest import compose_config
+
+    cache = tmp_path / "teachers"
+
+    def run(name: str) -> dict:
+        out = tmp_path / name
+        train(
+            compose_config(
+                "method=kd++",
+                "logger=none",
+                "trainer.max_epochs=1",
+                "++trainer.limit_train_batches=2",
+                "teacher.recipe.max_epochs=2",
+                f"paths.teacher_cache_dir={cache}",
+                f"paths.output_dir={out}",
+                "++trainer.enable_progress_bar=false",
+                "++trainer.enable_model_summary=false",
+            )  # fmt: skip
+        )
+        return json.loads((out / "summary.json").read_text())
+
+    first = run("first")
+    assert first["teacher_source"] == "trained"
+    (weights,) = cache.glob("convnet_wide-*.pt")
+    (statistics,) = cache.glob("statistics/*.pt")
+    for damaged in (weights, statistics):
+        damaged.write_bytes(damaged.read_bytes()[:100])  # what a crash or a full disk leaves
+    second = run("second")
+    assert second["status"] == "completed" and second["teacher_source"] == "trained"
+    assert second["teacher_sha256"] == first["teacher_sha256"]  # the same seed trains the same teacher
+    assert (
+        "is unreadable" in caplog.text
+        and "training anew" in caplog.text
+        and "computing it anew" in caplog.text
+    )
+    weights.with_suffix(".json").write_text('{"val_top1": 9')  # a truncated metadata file
+    assert run("third")["teacher_source"] == "trained"
+    assert run("fourth")["teacher_source"] == "cache"  # and the entry is whole again
