@@ -11,10 +11,12 @@ import logging
 import os
 import time
 from collections.abc import Mapping
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
+from filelock import FileLock, Timeout
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.utilities import rank_zero_only
@@ -227,6 +229,29 @@ def teacher_cache_key(teacher_cfg: DictConfig, dataset_cfg: DictConfig) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
+@contextmanager
+def cache_lock(entry: Path, what: str):
+    """An exclusive lock beside a cache entry (`<entry>.lock`), held while it is read or made. Also the first
+    write into the cache directory, so a directory that is not writable is reported before any work."""
+    try:
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(str(entry) + ".lock")
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            log.info(f"Waiting for another run that is making {what} ({entry})")
+            lock.acquire()
+    except OSError as error:
+        raise UserError(
+            f"the cache directory {entry.parent} is not writable ({error.strerror}); set "
+            "paths.teacher_cache_dir to a writable directory"
+        ) from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
 def _read_cached_teacher(model: nn.Module, arch: str, weights_path: Path, meta_path: Path) -> dict | None:
     """Load a cached teacher into `model` and return its metadata; None when there is no entry, or when the
     entry is unreadable (a truncated file after a crash or a full disk), which is then retrained over."""
@@ -255,6 +280,20 @@ def _cached_or_trained(
     # and, training not being bit-reproducible across devices, could distil from different teachers.
     if not _is_rank_zero():
         wait_for_files([weights_path, meta_path], f"the CE-trained teacher {teacher_cfg.arch}")
+        return _trained_or_cached(model, teacher_cfg, datamodule, weights_path, meta_path, key)
+    # Two runs needing one teacher (a parallel sweep, two shells): one trains, the other waits and reads it.
+    with cache_lock(weights_path, f"the teacher {teacher_cfg.arch}"):
+        return _trained_or_cached(model, teacher_cfg, datamodule, weights_path, meta_path, key)
+
+
+def _trained_or_cached(
+    model: nn.Module,
+    teacher_cfg: DictConfig,
+    datamodule: ClassificationData,
+    weights_path: Path,
+    meta_path: Path,
+    key: str,
+) -> dict:
     meta = _read_cached_teacher(model, teacher_cfg.arch, weights_path, meta_path)
     if meta is not None:
         log.info(f"Teacher {teacher_cfg.arch}: reusing cached weights {weights_path}")
@@ -275,7 +314,6 @@ def _cached_or_trained(
     started = time.perf_counter()
     val_top1 = _train_with_cross_entropy(model, datamodule, recipe, teacher_cfg.seed)
     train_s = time.perf_counter() - started
-    cache_dir.mkdir(parents=True, exist_ok=True)
     atomic_torch_save(model.state_dict(), weights_path)
     meta = {"arch": teacher_cfg.arch, "key": key, "val_top1": val_top1, "train_s": round(train_s, 2)}
     meta |= {"recipe": OmegaConf.to_container(recipe, resolve=True), "seed": teacher_cfg.seed}

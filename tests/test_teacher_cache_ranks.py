@@ -1,6 +1,7 @@
 """Multi-process launches (srun, torchrun): only global rank zero trains the on-the-fly teacher and
 computes teacher statistics; the other ranks wait for its cache files and load exactly those."""
 
+import json
 import subprocess
 import sys
 import threading
@@ -173,3 +174,27 @@ def test_the_main_process_of_another_node_waits_too(monkeypatch, tmp_path):
         teachers.wait_for_files([tmp_path / "never.pt"], "a test file")
     monkeypatch.setenv("NODE_RANK", "0")
     assert teachers._is_rank_zero()
+
+
+def test_two_runs_started_together_train_their_teacher_once(tmp_path):
+    # Two independent runs (a parallel sweep, two shells) that need one uncached teacher: the file lock lets
+    # one train it while the other waits, then reads the cached file.
+    cache = tmp_path / "teachers"
+    command = [
+        sys.executable, "-m", "kd_experiments", "method=ce", *QUICK, "teacher.recipe.max_epochs=40",
+        f"paths.teacher_cache_dir={cache}",
+    ]  # fmt: skip
+    runs = []
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        env = clean_env(tmp_path / name) | {"OMP_NUM_THREADS": "1"}
+        runs.append(
+            subprocess.Popen(command, cwd=tmp_path / name, env=env, stderr=subprocess.PIPE, text=True)
+        )
+    errors = [run.communicate(timeout=300)[1] for run in runs]
+    assert [run.returncode for run in runs] == [0, 0], errors
+    sources = sorted(
+        json.loads(p.read_text())["teacher_source"] for p in tmp_path.glob("*/outputs/runs/*/*/summary.json")
+    )
+    assert sources == ["cache", "trained"]
+    assert len(list(cache.glob("convnet_wide-*.pt"))) == 1
