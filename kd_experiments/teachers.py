@@ -386,28 +386,38 @@ def prepare_teacher_statistics(
         path = _statistics_path(
             objective.statistics_name, teacher_identity, dataset_cfg, cache_dir, teacher_input
         )
+        what = f"teacher statistics {objective.statistics_name}"
         if not _is_rank_zero():
-            wait_for_files([path], f"teacher statistics {objective.statistics_name}")
-        statistics = _read_cached_statistics(path)
-        if statistics is not None:
-            log.info(f"Teacher statistics {objective.statistics_name}: reusing {path}")
+            wait_for_files([path], what)
+            statistics = _statistics_cached_or_computed(objective, teacher, datamodule, teacher_input, path)
         else:
-            device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-            started = time.perf_counter()
-            teacher.to(device)
-            with torch.no_grad():
-                statistics = objective.compute_teacher_statistics(
-                    teacher, _statistics_batches(datamodule, teacher_input, device)
+            with cache_lock(path, what):  # two runs needing one statistic compute it once
+                statistics = _statistics_cached_or_computed(
+                    objective, teacher, datamodule, teacher_input, path
                 )
-            teacher.cpu()
-            statistics = {name: value.cpu() for name, value in statistics.items()}
-            path.parent.mkdir(parents=True, exist_ok=True)
-            atomic_torch_save(statistics, path)
-            log.info(
-                f"Teacher statistics {objective.statistics_name}: computed in "
-                f"{time.perf_counter() - started:.2f}s on {device}, cached at {path}"
-            )
         objective.set_teacher_statistics(statistics)
+
+
+def _statistics_cached_or_computed(objective, teacher, datamodule, teacher_input, path: Path) -> dict:
+    statistics = _read_cached_statistics(path)
+    if statistics is not None:
+        log.info(f"Teacher statistics {objective.statistics_name}: reusing {path}")
+        return statistics
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    started = time.perf_counter()
+    teacher.to(device)
+    with torch.no_grad():
+        statistics = objective.compute_teacher_statistics(
+            teacher, _statistics_batches(datamodule, teacher_input, device)
+        )
+    teacher.cpu()
+    statistics = {name: value.cpu() for name, value in statistics.items()}
+    atomic_torch_save(statistics, path)
+    log.info(
+        f"Teacher statistics {objective.statistics_name}: computed in "
+        f"{time.perf_counter() - started:.2f}s on {device}, cached at {path}"
+    )
+    return statistics
 
 
 def _read_cached_statistics(path: Path) -> dict | None:
