@@ -92,7 +92,8 @@ def build_teacher(
     network: nn.Module | None = None,
 ) -> tuple[nn.Module, dict]:
     """Return the teacher (weights loaded, frozen, eval mode) and its identity (arch, source, sha256 of the
-    weights' content, file_sha256 of the file they came from, if any).
+    weights' content, and for a `teacher.checkpoint` file_sha256 of that file: the cache's own files are
+    identified by their content alone, so they are not read twice).
 
     `network` is the teacher architecture already built (and probed) with random weights; the weights are
     loaded into it, except timm's pretrained ones, for which timm builds the network anew."""
@@ -300,8 +301,6 @@ def _trained_or_cached(
         return {
             "source": "cache",
             "path": str(weights_path.resolve()),
-            "file_sha256": file_sha256(weights_path),
-        } | {
             "trained_top1": meta.get("val_top1"),
             "train_s": meta.get("train_s"),
         }
@@ -322,8 +321,6 @@ def _trained_or_cached(
     return {
         "source": "trained",
         "path": str(weights_path.resolve()),
-        "file_sha256": file_sha256(weights_path),
-    } | {
         "trained_top1": val_top1,
         "train_s": round(train_s, 2),
     }
