@@ -123,6 +123,18 @@ def test_image_folder_counts_classes_and_uses_timm_transforms(tmp_path):
         ImageFolderData(root=str(tmp_path), num_classes=5, image_size=32).setup()
 
 
+def test_non_image_and_hidden_files_are_not_samples(tmp_path):
+    write_image_tree(tmp_path, per_class=2)
+    cat = tmp_path / "train/cat"
+    (cat / "notes.txt").write_text("not an image")
+    (cat / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
+    (cat / "._0.png").write_bytes(b"\x00\x05\x16\x07 a macOS resource fork")  # an image's name, no image
+    data = ImageFolderData(root=str(tmp_path), image_size=32, batch_size=6, num_workers=0)
+    data.setup("fit")
+    assert [Path(path).name for path, _ in data.train_set.samples[:2]] == ["0.png", "1.png"]
+    assert len(data.train_set) == 6 and next(iter(data.train_dataloader()))[0].shape == (6, 3, 32, 32)
+
+
 def test_random_erasing_fills_with_per_pixel_noise_by_default(tmp_path):
     write_image_tree(tmp_path)
     data = ImageFolderData(root=str(tmp_path), image_size=32, re_prob=0.25, num_workers=0)

@@ -1,11 +1,15 @@
 """ImageNet and any folder tree of images (`root/<split>/<class>/*.jpg`), with timm's transforms and
 Mixup/CutMix."""
 
+import os
+from collections import Counter
 from pathlib import Path
 
+from PIL import Image, UnidentifiedImageError
 from timm.data.distributed_sampler import RepeatAugSampler
 from torch.utils.data import DistributedSampler
 from torchvision import datasets
+from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from kd_experiments.data.base import ClassificationData, require_path
 from kd_experiments.errors import UserError
@@ -19,6 +23,69 @@ class RepeatedAugmentationSampler(RepeatAugSampler, DistributedSampler):
 
     It shards by rank itself, so it is declared a `DistributedSampler`: Lightning then leaves it alone
     instead of wrapping it in a second per-rank sampler, and still calls `set_epoch` every epoch."""
+
+
+class UnreadableImage(UserError):
+    """An image file that does not decode. Raised in a DataLoader worker, torch re-raises it in the main
+    process as `UnreadableImage(text)`, where text is "Caught UnreadableImage in DataLoader worker process
+    0." followed by the worker's whole traceback; the constructor keeps only the original one-line message
+    (the traceback's last line), so the entry point still prints one line, whatever dataset.num_workers is."""
+
+    def __init__(self, text: str):
+        original = f"{type(self).__module__}.{type(self).__qualname__}: "
+        if original in text:
+            text = text.rsplit(original, 1)[1].strip()
+        super().__init__(text)
+
+
+def is_image_file(path: str) -> bool:
+    """A sample is a file with an image extension (as torchvision's ImageFolder decides), except hidden ones:
+    macOS `._x.jpg` resource forks and editor leftovers are never images, and would fail only mid-epoch."""
+    name = os.path.basename(path)  # called once per file of the tree: cheaper than Path
+    return name.lower().endswith(IMG_EXTENSIONS) and not name.startswith(".")
+
+
+def read_image(path: str) -> Image.Image:
+    """torchvision's `pil_loader`, with a file that does not decode reported as one line naming it.
+
+    Checked here, when each image is read anyway, rather than up front: only a full decode finds a truncated
+    file (its header reads fine), and decoding an ImageNet-size tree before training would cost about an
+    epoch. A bad file therefore stops the run when it is first read (the probe batch, the sanity check or
+    the first epoch), which keeps start-up as cheap as before."""
+    try:
+        with open(path, "rb") as handle:
+            return Image.open(handle).convert("RGB")
+    except Exception as error:  # whatever PIL or the file system says about this one file
+        # PIL's "cannot identify image file <_io.BufferedReader name=...>" would name the file twice
+        reason = "cannot identify image file" if isinstance(error, UnidentifiedImageError) else str(error)
+        reason = " ".join(reason.split())
+        raise UnreadableImage(f"cannot read image {path} ({reason}); remove or replace it") from None
+
+
+def image_folder(split: Path, transform) -> datasets.ImageFolder:
+    """torchvision's ImageFolder over `split`, with `is_image_file`, `read_image`, and a class folder without
+    images reported as one line (torchvision's own error is a traceback naming the class, not the folder)."""
+    dataset = datasets.ImageFolder(
+        str(split), transform=transform, loader=read_image, is_valid_file=is_image_file, allow_empty=True
+    )
+    _require_images_in_every_class(dataset, split)
+    return dataset
+
+
+def _require_images_in_every_class(dataset: datasets.ImageFolder, split: Path) -> None:
+    """A class folder without images would leave a class no sample: name the first one, and what it holds."""
+    counts = Counter(dataset.targets)
+    empty = [name for index, name in enumerate(dataset.classes) if counts[index] == 0]
+    if not empty:
+        return
+    folder = split / empty[0]
+    others = sorted(p.name for p in folder.iterdir())
+    holds = f"it holds only {', '.join(others[:3])}{', ...' if len(others) > 3 else ''}; " if others else ""
+    more = f" (and {len(empty) - 1} more class folders)" if len(empty) > 1 else ""
+    raise UserError(
+        f"class folder {folder}{more} has no images ({holds}image files end in {', '.join(IMG_EXTENSIONS)}); "
+        "add images to it or remove it"
+    )
 
 
 class ImageFolderData(ClassificationData):
@@ -37,6 +104,8 @@ class ImageFolderData(ClassificationData):
     `repeated_augmentation: 3` samples each training image three times per epoch under different
     augmentations, spread over the ranks (DeiT's repeated augmentation; 0 = off).
     `num_classes: null` counts the class folders of the training split.
+    Files without an image extension, and hidden files, are not samples; a class folder without images and
+    an image that does not decode (`read_image`) each stop the run with one line naming the path.
     """
 
     name = "imagefolder"
@@ -128,7 +197,7 @@ class ImageFolderData(ClassificationData):
                     f"{path} has {found} class folders but dataset.num_classes={self.num_classes}; set "
                     f"dataset.num_classes={found} (or null to count them)"
                 )
-            splits[key] = datasets.ImageFolder(str(path), transform=transform)
+            splits[key] = image_folder(path, transform)
         if splits["train"].classes != splits["val"].classes:
             raise UserError(f"the class folders of {self.root / self.train_dir} and {self.val_dir} differ")
         self.train_set, self.val_set = splits["train"], splits["val"]
