@@ -15,6 +15,12 @@ def scaled_lr(base_lr: float, per_device_batch: int, devices, num_nodes: int, re
     return float(base_lr) * int(per_device_batch) * int(devices) * int(num_nodes) / float(reference_batch)
 
 
+def run_dir(resume, new_dir: str) -> str:
+    """Hydra's run directory: the run being resumed (`resume=RUN_DIR`), else a new one."""
+    return str(resume) if resume else new_dir
+
+
 def register() -> None:
-    if not OmegaConf.has_resolver("kd.scaled_lr"):
-        OmegaConf.register_new_resolver("kd.scaled_lr", scaled_lr)
+    for name, resolver in (("kd.scaled_lr", scaled_lr), ("kd.run_dir", run_dir)):
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, resolver)
