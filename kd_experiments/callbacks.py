@@ -119,6 +119,12 @@ class TrainThroughput(pl.Callback):
         if self._epoch_seconds > 0:
             pl_module.log("train/images_per_s", self._epoch_images / self._epoch_seconds)
 
+    def state_dict(self) -> dict:  # a resumed run's average covers the epochs before the interruption too
+        return {"images": self.images, "seconds": self.seconds}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.images, self.seconds = state_dict["images"], state_dict["seconds"]
+
 
 def top1_on(model: torch.nn.Module, loader, device: torch.device, prepare=None) -> float:
     """Top-1 (%) of `model` in eval mode over `loader`; `prepare` maps the images first (a teacher's own
@@ -150,15 +156,38 @@ class WeightAveraging(pl.Callback):
         self.output_path = Path(output_dir) / "checkpoints" / "averaged_student.pt"
         self.averaged = None
         self.averaged_epochs = 0
+        self.first_epoch: int | None = None
         self.top1: float | None = None
+        self._restored: dict | None = None
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        restored, self._restored = self._restored, None
+        # A run resumed with a longer trainer.max_epochs averages its own last epochs, not the old ones.
+        if restored and restored["first_epoch"] >= trainer.max_epochs - self.epochs:
+            self.averaged = AveragedModel(pl_module.student, use_buffers=True)
+            self.averaged.load_state_dict(restored["averaged"])
+            self.averaged_epochs, self.first_epoch = restored["averaged_epochs"], restored["first_epoch"]
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         if trainer.current_epoch < trainer.max_epochs - self.epochs:
             return
         if self.averaged is None:  # a copy; the first update_parameters() below sets it to these weights
             self.averaged = AveragedModel(pl_module.student, use_buffers=True)
+            self.first_epoch = trainer.current_epoch
         self.averaged.update_parameters(pl_module.student)
         self.averaged_epochs += 1
+
+    def state_dict(self) -> dict:
+        if self.averaged is None:
+            return {}
+        return {
+            "averaged": self.averaged.state_dict(),
+            "averaged_epochs": self.averaged_epochs,
+            "first_epoch": self.first_epoch,
+        }
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self._restored = state_dict or None
 
     def on_train_end(self, trainer, pl_module) -> None:
         if self.averaged is None:

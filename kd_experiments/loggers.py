@@ -1,11 +1,14 @@
 """Experiment loggers. W&B runs offline without credentials, and a W&B failure never fails a run."""
 
+import csv
 import logging
 import netrc
 import os
 from pathlib import Path
 
 from pytorch_lightning.loggers import CSVLogger, Logger, WandbLogger
+from pytorch_lightning.loggers.csv_logs import ExperimentWriter
+from pytorch_lightning.loggers.logger import rank_zero_experiment
 from pytorch_lightning.utilities import rank_zero_only
 
 log = logging.getLogger(__name__)
@@ -51,6 +54,29 @@ class ForgivingWandbLogger(WandbLogger):
         self._guard(super().finalize, status)
 
 
+class _AppendingWriter(ExperimentWriter):
+    """Lightning's CSV writer deletes the metrics.csv it finds; this one appends to it, so a resumed run
+    keeps the rows of the epochs before the interruption (those of an interrupted epoch appear twice, each
+    row with its step)."""
+
+    def _check_log_dir_exists(self) -> None:
+        if self._fs.isfile(self.metrics_file_path):
+            with self._fs.open(self.metrics_file_path, "r", newline="") as file:
+                self.metrics_keys = next(csv.reader(file), [])
+
+
+class ResumableCSVLogger(CSVLogger):
+    """CSVLogger that continues the metrics.csv of the run it resumes instead of deleting it."""
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> ExperimentWriter:
+        if self._experiment is None:
+            os.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _AppendingWriter(log_dir=self.log_dir)
+        return self._experiment
+
+
 def wandb_logger(
     save_dir: str,
     project: str,
@@ -59,9 +85,11 @@ def wandb_logger(
     entity: str | None = None,
     tags: list[str] | None = None,
     mode: str | None = None,
+    run_id: str | None = None,
 ) -> Logger:
     """Build the W&B logger. Mode: `mode` if set, else WANDB_MODE if set, else online with credentials and
-    offline without. If W&B cannot start at all, fall back to CSV logs in the run directory."""
+    offline without. `run_id` continues that W&B run (a resumed run). If W&B cannot start at all, fall back
+    to CSV logs in the run directory."""
     if mode is None and not os.environ.get("WANDB_MODE"):
         mode = "online" if has_wandb_credentials() else "offline"
         if mode == "offline":
@@ -78,6 +106,7 @@ def wandb_logger(
             entity=entity,
             tags=list(tags or []),
             **({"mode": mode} if mode else {}),
+            **({"id": run_id, "resume": "allow"} if run_id else {}),
         )
         _ = logger.experiment  # start the run now, so a failure here falls back instead of failing later
         return logger
@@ -85,7 +114,7 @@ def wandb_logger(
         log.warning(
             f"W&B could not start ({type(error).__name__}: {error}); logging to CSV in {save_dir} instead"
         )
-        return CSVLogger(save_dir=save_dir, name="csv", version="")
+        return ResumableCSVLogger(save_dir=save_dir, name="csv", version="")
 
 
 def finish_logger(logger) -> None:

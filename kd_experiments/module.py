@@ -189,19 +189,40 @@ class DistillationModule(pl.LightningModule):
         with `interval: step` it is converted to optimizer updates and stepped after every update, as the
         per-iteration cosine schedules of the Swin / SRD / VkD code do (timm's `create_scheduler_v2`
         converts the same way for `step_on_epochs=False`)."""
+        return self.scheduler_factory(optimizer, **self._scheduler_arguments())
+
+    def _scheduler_arguments(self) -> dict:
+        """The scheduler's keyword arguments as built: the config's, in updates for a per-step timm one."""
         factory = self.scheduler_factory
         target = getattr(factory, "func", factory)
+        arguments = dict(getattr(factory, "keywords", {}))
         if self.scheduler_interval != "step" or not (
             isinstance(target, type) and issubclass(target, TimmScheduler)
         ):
-            return factory(optimizer)
+            return arguments
         updates = self.updates_per_epoch()
-        in_updates = {}
         for key, epochs in factory.keywords.items():
             if key in TIMM_EPOCH_KEYS and epochs is not None:
                 scaled = [round(e * updates) for e in epochs] if isinstance(epochs, list) else None
-                in_updates[key] = scaled if scaled is not None else round(epochs * updates)
-        return factory(optimizer, **in_updates, t_in_epochs=False)
+                arguments[key] = scaled if scaled is not None else round(epochs * updates)
+        return arguments | {"t_in_epochs": False}
+
+    def on_train_start(self) -> None:
+        """Resumed with a longer trainer.max_epochs: Lightning restored the schedulers with the old length
+        (a cosine's T_max); give them the config's, so the schedule ends at the new last epoch, and set the
+        learning rate to that schedule's value at this point (torch's closed form)."""
+        if self.trainer.ckpt_path is None or self.scheduler_factory is None:
+            return
+        arguments = self._scheduler_arguments()
+        for config in self.trainer.lr_scheduler_configs:
+            scheduler = config.scheduler
+            changed = {k: v for k, v in arguments.items() if getattr(scheduler, k, v) != v}
+            for key, value in changed.items():
+                setattr(scheduler, key, value)
+            closed_form = getattr(scheduler, "_get_closed_form_lr", None)
+            if changed and closed_form is not None:
+                for group, lr in zip(scheduler.optimizer.param_groups, closed_form(), strict=True):
+                    group["lr"] = lr
 
     def updates_per_epoch(self) -> int:
         """Optimizer updates in one training epoch on this rank (after limit_train_batches, DDP sharding
@@ -241,3 +262,14 @@ class DistillationModule(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["teacher_identity"] = self.teacher_identity
+        # What a resumed run needs beyond weights and loops: the epochs it has validated (its best and last
+        # top-1), the teacher's measured top-1, and the logger's run id (W&B continues the same run).
+        checkpoint["validation_history"] = list(self.validation_history)
+        checkpoint["teacher_top1"] = self.teacher_top1
+        logger = self.trainer.logger if self._trainer is not None else None
+        checkpoint["logger_run_id"] = str(logger.version) if logger is not None else None
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.validation_history = list(checkpoint.get("validation_history", []))
+        if checkpoint.get("teacher_top1") is not None:
+            self.teacher_top1 = checkpoint["teacher_top1"]

@@ -1,6 +1,8 @@
 """compose -> instantiate -> fit -> summary.json: one run of the framework."""
 
 import logging
+import signal
+import sys
 import time
 import warnings
 from contextlib import contextmanager
@@ -15,6 +17,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
 from pytorch_lightning.utilities import rank_zero_only
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 from pytorch_lightning.utilities.seed import isolate_rng
 from rich.console import Console
 from rich.table import Table
@@ -29,12 +32,21 @@ from kd_experiments.callbacks import (
 )
 from kd_experiments.data.base import ClassificationData, Renormalize
 from kd_experiments.errors import UserError
-from kd_experiments.files import atomic_write_json, atomic_write_text
+from kd_experiments.files import atomic_write_json, atomic_write_text, require_writable
 from kd_experiments.loggers import finish_logger
 from kd_experiments.methods.compose import LossWeights, Objectives, assemble
 from kd_experiments.models import built_name, extract_features
 from kd_experiments.models.features import has_distill_head
 from kd_experiments.module import DistillationModule
+from kd_experiments.resume import (
+    AtomicCheckpointIO,
+    Interrupted,
+    Preemption,
+    RandomState,
+    RunStart,
+    checkpoint_info,
+    start_in,
+)
 from kd_experiments.teachers import (
     build_teacher,
     check_teacher_reference,
@@ -53,13 +65,47 @@ warnings.filterwarnings("ignore", message=".*`isinstance\\(treespec, LeafSpec\\)
 
 
 def train(cfg: DictConfig) -> float | None:
-    """Run one experiment; return the best student top-1 (what a sweeper optimises)."""
+    """Run one experiment (or continue it in its directory); return the best student top-1 (what a sweeper
+    optimises)."""
     started = time.perf_counter()
-    output_dir = Path(cfg.paths.output_dir).resolve()
+    output_dir = _output_dir(cfg)
     summary_path = output_dir / "summary.json"
-    if summary_path.exists():
-        raise UserError(f"{output_dir} already holds a finished run (summary.json); pick a new hydra.run.dir")
-    _save_run_config(cfg, output_dir)
+    start = start_in(cfg, output_dir, summary_path)  # refusals come here, before any file is written
+    if start.finished is not None:
+        return _already_finished(start.finished)
+    cfg = start.cfg
+    require_writable(output_dir, "hydra.run.dir")
+    _save_run_config(cfg, output_dir, continuing=start.continuing)
+    summary = _first_summary(cfg, output_dir, start)
+    try:
+        summary |= _fit(cfg, output_dir, start.checkpoint)
+        summary["status"] = "completed"
+        paper_top1 = (summary.get("paper") or {}).get("top1")
+        if paper_top1 is not None and summary["student_top1_reported"] is not None:
+            summary["gap_to_paper"] = round(summary["student_top1_reported"] - paper_top1, 2)
+    except Interrupted as error:
+        summary |= {"status": "interrupted", "error": str(error)}
+        raise
+    except BaseException as error:
+        summary |= {"status": "failed", "error": f"{type(error).__name__}: {error}"}
+        raise
+    finally:
+        summary["wall_s"] = round(time.perf_counter() - started, 2)
+        if rank_zero_only.rank == 0:  # under DDP every rank runs this function; one writes
+            atomic_write_json(summary, summary_path)
+    if rank_zero_only.rank == 0:
+        _print_result_table(summary)
+    return summary["student_top1_best"]
+
+
+def _output_dir(cfg: DictConfig) -> Path:
+    """The run's directory: Hydra's run dir, or outside the CLI the run given by `resume=`."""
+    if cfg.get("resume") and not HydraConfig.initialized():
+        return Path(cfg.resume).expanduser().resolve()
+    return Path(cfg.paths.output_dir).resolve()
+
+
+def _first_summary(cfg: DictConfig, output_dir: Path, start: RunStart) -> dict:
     summary = {
         "status": "running",
         "method": cfg.method.name,
@@ -72,22 +118,22 @@ def train(cfg: DictConfig) -> float | None:
     }
     if cfg.get("paper"):  # a recipe's published number, copied next to this run's result
         summary["paper"] = OmegaConf.to_container(cfg.paper, resolve=True)
-    try:
-        summary |= _fit(cfg, output_dir)
-        summary["status"] = "completed"
-        paper_top1 = (summary.get("paper") or {}).get("top1")
-        if paper_top1 is not None and summary["student_top1_reported"] is not None:
-            summary["gap_to_paper"] = round(summary["student_top1_reported"] - paper_top1, 2)
-    except BaseException as error:
-        summary |= {"status": "failed", "error": f"{type(error).__name__}: {error}"}
-        raise
-    finally:
-        summary["wall_s"] = round(time.perf_counter() - started, 2)
-        if rank_zero_only.rank == 0:  # under DDP every rank runs this function; one writes
-            atomic_write_json(summary, summary_path)
-    if rank_zero_only.rank == 0:
-        _print_result_table(summary)
-    return summary["student_top1_best"]
+    resumes = list(start.previous.get("resumes", []))
+    if start.checkpoint is not None:  # this attempt continues from the end of a saved epoch
+        info = checkpoint_info(start.checkpoint)
+        resumes.append({"from_epoch": info["epoch"] + 1, "from_step": info["step"]})
+    if resumes:
+        summary["resumes"] = resumes
+    return summary
+
+
+def _already_finished(previous: dict) -> float | None:
+    """The identical command in a finished run's directory (a requeued or re-run sweep): nothing to do."""
+    print(
+        f"{previous.get('output_dir')} already finished this run (status completed); nothing to do",
+        file=sys.stderr,
+    )
+    return previous.get("student_top1_best")
 
 
 def _is_int(value) -> bool:
@@ -104,26 +150,38 @@ def _check_run_numbers(cfg: DictConfig) -> None:
             raise UserError(f"trainer.{key} must be an integer >= {smallest}, got {value!r}")
 
 
-def _save_run_config(cfg: DictConfig, output_dir: Path) -> None:
+def _save_run_config(cfg: DictConfig, output_dir: Path, continuing: bool) -> None:
     """`.hydra/config.yaml`, `hydra.yaml` and `overrides.yaml`, as Hydra writes them, but only once the run is
     known to be new: conf/hydra/default.yaml turns Hydra's own copy off (`output_subdir: null`), which it
-    would write before the task starts, over a finished run's files too."""
-    if not HydraConfig.initialized() or rank_zero_only.rank != 0:
+    would write before the task starts, over a finished run's files too. A continued run keeps its first
+    command's files; only config.yaml follows a longer `trainer.max_epochs` given with resume=."""
+    if rank_zero_only.rank != 0:
+        return
+    folder = output_dir / ".hydra"
+    if continuing:
+        if cfg.get("resume"):
+            atomic_write_text(OmegaConf.to_yaml(cfg), folder / "config.yaml")
+        return
+    if not HydraConfig.initialized():
         return
     hydra_cfg = HydraConfig.get()
-    folder = output_dir / ".hydra"
     atomic_write_text(OmegaConf.to_yaml(cfg), folder / "config.yaml")
     atomic_write_text(OmegaConf.to_yaml(OmegaConf.create({"hydra": hydra_cfg})), folder / "hydra.yaml")
     atomic_write_text(OmegaConf.to_yaml(list(hydra_cfg.overrides.task)), folder / "overrides.yaml")
 
 
-def _fit(cfg: DictConfig, output_dir: Path) -> dict:
+def _fit(cfg: DictConfig, output_dir: Path, checkpoint: Path | None) -> dict:
     _check_run_numbers(cfg)
     torch.set_float32_matmul_precision(cfg.get("matmul_precision", "highest"))
     datamodule = _seeded_data(cfg)
     # Cheap first: both networks and the method, probed with one batch, so that a shape or feature mistake
     # stops the run in seconds, before a teacher is trained or downloaded and before any statistics pass.
     teacher_network, student, method, loss_weights, teacher_input = _networks_and_method(cfg, datamodule)
+    uses_cache = teacher_weight_source(cfg.teacher) == "train" or any(
+        objective.statistics_name for objective in method.objectives.values()
+    )
+    if uses_cache:  # known now, not after a teacher has trained for minutes
+        require_writable(Path(cfg.paths.teacher_cache_dir), "paths.teacher_cache_dir")
     optimizer, scheduler, scheduler_interval = _optimization_factories(cfg)
     report, ema_decay = _report_protocol(cfg)
 
@@ -152,19 +210,44 @@ def _fit(cfg: DictConfig, output_dir: Path) -> dict:
         teacher_input=teacher_input,
         clip_scaled_gradients=bool(cfg.get("clip_scaled_gradients", False)),
     )
-
     module.teacher_top1 = teacher_reference_top1  # measured already: the first validation reuses it
-    logger = build(cfg.logger, "logger", **_logger_names(cfg.logger, output_dir)) if cfg.logger else False
-    callbacks, throughput, averaging, ema = _run_callbacks(cfg, output_dir, bool(logger), report, ema_decay)
-    trainer: pl.Trainer = build(cfg.trainer, "trainer", callbacks=callbacks, logger=logger)
+    callbacks = RunCallbacks(cfg, output_dir, report, ema_decay)
+    trainer = _trainer(cfg, output_dir, checkpoint, callbacks)
+    _fit_or_stop(cfg, trainer, module, datamodule, checkpoint, callbacks)
+    return _result(cfg, report, module, trainer, callbacks)
+
+
+def _trainer(cfg: DictConfig, output_dir: Path, checkpoint: Path | None, callbacks: "RunCallbacks"):
+    """The Lightning Trainer with this run's logger (continuing the saved W&B run when resuming)."""
+    run_id = checkpoint_info(checkpoint)["logger_run_id"] if checkpoint is not None else None
+    names = _logger_names(cfg.logger, output_dir, run_id) if cfg.logger else {}
+    logger = build(cfg.logger, "logger", **names) if cfg.logger else False
+    callbacks.add_logger_callbacks(bool(logger))
+    return build(
+        cfg.trainer, "trainer", callbacks=callbacks.all, logger=logger, plugins=[AtomicCheckpointIO()]
+    )
+
+
+def _fit_or_stop(cfg, trainer: pl.Trainer, module, datamodule, checkpoint, callbacks: "RunCallbacks") -> None:
+    """`trainer.fit`, from `checkpoint` when continuing; a SIGTERM / SIGUSR1 becomes `Interrupted`."""
+    logger = trainer.logger
+    preemption = callbacks.preemption
     try:
         if logger:
             logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
-        trainer.fit(module, datamodule=datamodule)
+        with preemption.signals(trainer):
+            trainer.fit(module, datamodule=datamodule, ckpt_path=checkpoint)
+    except SIGTERMException:
+        signum = preemption.signum or signal.SIGTERM
+        saved = f"that step is saved in {preemption.saved}; " if preemption.saved else ""
+        raise Interrupted(
+            signum,
+            f"stopped by {signal.Signals(signum).name} at epoch {trainer.current_epoch}, step "
+            f"{trainer.global_step}; {saved}continue from the start of that epoch with: python -m "
+            f"kd_experiments resume={cfg.paths.output_dir}",
+        ) from None
     finally:
         finish_logger(logger)
-
-    return _result(cfg, report, module, trainer, callbacks, throughput, averaging, ema)
 
 
 def _seeded_data(cfg: DictConfig) -> ClassificationData:
@@ -190,16 +273,29 @@ def _networks_and_method(cfg: DictConfig, datamodule: ClassificationData) -> tup
     return teacher_network, student, method, loss_weights, teacher_input
 
 
-def _run_callbacks(cfg: DictConfig, output_dir: Path, has_logger: bool, report: str, ema_decay) -> tuple:
-    """The callbacks of one run, and the three whose results the summary reads."""
-    throughput = TrainThroughput()
-    callbacks = [throughput, ValidateFinalEpoch(), *_standard_callbacks(cfg, output_dir, has_logger)]
-    averaging = (
-        WeightAveraging(cfg.get("average_epochs", 10), output_dir) if report == "weight_average" else None
-    )
-    ema = StudentEMA(ema_decay, output_dir) if ema_decay is not None else None
-    callbacks += [c for c in (averaging, ema) if c is not None]
-    return callbacks, throughput, averaging, ema
+class RunCallbacks:
+    """The callbacks of one run, and the ones whose results the summary reads."""
+
+    def __init__(self, cfg: DictConfig, output_dir: Path, report: str, ema_decay):
+        self.cfg = cfg
+        self.throughput = TrainThroughput()
+        self.averaging = (
+            WeightAveraging(cfg.get("average_epochs", 10), output_dir) if report == "weight_average" else None
+        )
+        self.ema = StudentEMA(ema_decay, output_dir) if ema_decay is not None else None
+        self.preemption = Preemption(output_dir)
+        self.all = [self.throughput, ValidateFinalEpoch(), RandomState(), self.preemption]
+        self.all += _standard_callbacks(cfg, output_dir)
+        self.all += [c for c in (self.averaging, self.ema) if c is not None]
+        for name, node in (cfg.get("callbacks") or {}).items():  # the user's own, by name
+            self.all.append(build(node, f"callbacks.{name}"))
+
+    def add_logger_callbacks(self, has_logger: bool) -> None:
+        if has_logger:
+            self.all.append(LearningRateMonitor())  # at each scheduler's own interval
+
+    def checkpoint(self, monitor: str | None) -> ModelCheckpoint | None:
+        return next((c for c in self.all if isinstance(c, ModelCheckpoint) and c.monitor == monitor), None)
 
 
 def _optimization_factories(cfg: DictConfig) -> tuple:
@@ -226,14 +322,12 @@ def _report_protocol(cfg: DictConfig) -> tuple[str, float | None]:
     return report, ema_decay
 
 
-def _result(cfg, report, module, trainer, callbacks, throughput, averaging, ema) -> dict:
+def _result(cfg, report, module, trainer, callbacks: RunCallbacks) -> dict:
     """What a finished fit adds to summary.json."""
     student, teacher, teacher_identity = module.student, module.teacher, module.teacher_identity
     history = module.validation_history
-    last_checkpoint, best_checkpoint = (
-        next((c for c in callbacks if isinstance(c, ModelCheckpoint) and c.monitor == monitor), None)
-        for monitor in (None, "val/student_top1")
-    )
+    throughput, averaging, ema = callbacks.throughput, callbacks.averaging, callbacks.ema
+    last_checkpoint, best_checkpoint = (callbacks.checkpoint(m) for m in (None, "val/student_top1"))
     last_top1 = history[-1]["top1"] if history else None
     best_top1 = max(h["top1"] for h in history) if history else None
     reported = {
@@ -434,11 +528,12 @@ def _teacher_input(teacher_cfg: DictConfig, datamodule: ClassificationData) -> R
     return Renormalize(datamodule.normalization, target)
 
 
-def _standard_callbacks(cfg: DictConfig, output_dir: Path, has_logger: bool) -> list[pl.Callback]:
+def _standard_callbacks(cfg: DictConfig, output_dir: Path) -> list[pl.Callback]:
     trainer_cfg = cfg.trainer
     callbacks: list[pl.Callback] = []
     if trainer_cfg.get("enable_checkpointing", True):
-        callbacks.append(last_epoch_checkpoint(output_dir / "checkpoints"))
+        # The best checkpoint first: when both save at the end of a training epoch, last.ckpt then holds
+        # the best one's state of that epoch, which a resumed run continues from.
         if trainer_cfg.get("limit_val_batches", 1.0) != 0:
             callbacks.append(
                 ModelCheckpoint(
@@ -450,18 +545,18 @@ def _standard_callbacks(cfg: DictConfig, output_dir: Path, has_logger: bool) -> 
                     save_top_k=1,
                 )
             )
+        callbacks.append(last_epoch_checkpoint(output_dir / "checkpoints"))
     if trainer_cfg.get("enable_progress_bar", True):
         callbacks.append(progress_bar())
-    if has_logger:
-        callbacks.append(LearningRateMonitor())  # at each scheduler's own interval
     return callbacks
 
 
-def _logger_names(logger_cfg: DictConfig, output_dir: Path) -> dict:
-    """W&B name and group: the run directory's name, and for a multirun the sweep as the group."""
+def _logger_names(logger_cfg: DictConfig, output_dir: Path, run_id: str | None = None) -> dict:
+    """W&B name and group: the run directory's name, and for a multirun the sweep as the group; a resumed
+    run continues its W&B run (`run_id`)."""
     if "wandb_logger" not in str(logger_cfg.get("_target_", "")):
         return {}
-    names = {}
+    names = {"run_id": run_id} if run_id else {}
     hydra_cfg = HydraConfig.get() if HydraConfig.initialized() else None
     multirun = hydra_cfg is not None and hydra_cfg.mode == RunMode.MULTIRUN
     if logger_cfg.get("group") is None and multirun:
@@ -513,5 +608,10 @@ def _print_result_table(summary: dict) -> None:
     console = Console()
     console.print(table)
     throughput = summary["train_images_per_s"] or "-"
-    console.print(f"{summary['epochs']} epochs in {summary['wall_s']:.1f}s, {throughput} train images/s")
+    resumed_at = summary["resumes"][-1]["from_epoch"] if summary.get("resumes") else 0
+    resumed = f" (this attempt resumed at epoch {resumed_at})" if resumed_at else ""
+    console.print(
+        f"{summary['epochs'] - resumed_at} epochs in {summary['wall_s']:.1f}s{resumed}, {throughput} train "
+        "images/s"
+    )
     console.print(f"outputs: {summary['output_dir']}", soft_wrap=True)

@@ -225,7 +225,7 @@ def test_last_checkpoint_is_the_last_epoch_even_when_an_earlier_one_was_best(tmp
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(8, 2)), batch_size=4)
     cfg = OmegaConf.create({"trainer": {"enable_progress_bar": False}})
     trainer = pl.Trainer(
-        max_epochs=3, callbacks=_standard_callbacks(cfg, tmp_path, has_logger=False), logger=False,
+        max_epochs=3, callbacks=_standard_callbacks(cfg, tmp_path), logger=False,
         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
     )  # fmt: skip
     trainer.fit(_FallingAccuracy(), loader, loader)
