@@ -6,11 +6,8 @@ from pathlib import Path
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import ModelCheckpoint, RichProgressBar
-from timm.utils import ModelEmaV3
-from torch.optim.swa_utils import AveragedModel
 
 from kd_experiments.errors import UserError
-from kd_experiments.files import atomic_torch_save
 
 
 def progress_bar() -> pl.Callback:
@@ -138,108 +135,3 @@ def top1_on(model: torch.nn.Module, loader, device: torch.device, prepare=None) 
             correct += (logits.argmax(1).cpu() == targets).sum().item()
             total += len(targets)
     return 100.0 * correct / max(total, 1)
-
-
-class WeightAveraging(pl.Callback):
-    """The mean of the student's weights (and BN buffers) over the last `epochs` training epochs, scored
-    on the validation split after training: LSHFM's reported model (DoctorKey/LSHFM.singleclassification
-    `train_student.py`, `imagenet_lsh.py`). There the sum starts from a `state_dict()` that aliases the live
-    weights, so it counts the second averaged epoch twice and the first not at all; here each of the last
-    `epochs` epochs counts once.
-
-    The averaged student is saved as `averaged_student.pt` (a plain state_dict) under `output_dir`;
-    `top1` holds its validation top-1 (%).
-    """
-
-    def __init__(self, epochs: int, output_dir):
-        self.epochs = epochs
-        self.output_path = Path(output_dir) / "checkpoints" / "averaged_student.pt"
-        self.averaged = None
-        self.averaged_epochs = 0
-        self.first_epoch: int | None = None
-        self.top1: float | None = None
-        self._restored: dict | None = None
-
-    def on_train_start(self, trainer, pl_module) -> None:
-        restored, self._restored = self._restored, None
-        # A run resumed with a longer trainer.max_epochs averages its own last epochs, not the old ones.
-        if restored and restored["first_epoch"] >= trainer.max_epochs - self.epochs:
-            self.averaged = AveragedModel(pl_module.student, use_buffers=True)
-            self.averaged.load_state_dict(restored["averaged"])
-            self.averaged_epochs, self.first_epoch = restored["averaged_epochs"], restored["first_epoch"]
-
-    def on_train_epoch_end(self, trainer, pl_module) -> None:
-        if trainer.current_epoch < trainer.max_epochs - self.epochs:
-            return
-        if self.averaged is None:  # a copy; the first update_parameters() below sets it to these weights
-            self.averaged = AveragedModel(pl_module.student, use_buffers=True)
-            self.first_epoch = trainer.current_epoch
-        self.averaged.update_parameters(pl_module.student)
-        self.averaged_epochs += 1
-
-    def state_dict(self) -> dict:
-        if self.averaged is None:
-            return {}
-        return {
-            "averaged": self.averaged.state_dict(),
-            "averaged_epochs": self.averaged_epochs,
-            "first_epoch": self.first_epoch,
-        }
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        self._restored = state_dict or None
-
-    def on_train_end(self, trainer, pl_module) -> None:
-        if self.averaged is None:
-            return
-        model = self.averaged.module
-        self.top1 = top1_on(model, trainer.datamodule.val_dataloader(), pl_module.device)
-        if trainer.is_global_zero:
-            self.output_path.parent.mkdir(parents=True, exist_ok=True)
-            atomic_torch_save(model.state_dict(), self.output_path)
-
-
-class StudentEMA(pl.Callback):
-    """An exponential moving average of the student's weights, updated after every optimizer step with
-    `decay` (timm's `ModelEmaV3`, buffers averaged too): DeiT's `--model-ema` (decay 0.99996,
-    facebookresearch/deit `main.py`).
-    As in DeiT, the EMA is kept beside the trained student, not in its place: validation and the
-    `last`/`best` numbers score the student itself; after training the EMA is scored once on the
-    validation split (`top1`, reported as `student_top1_ema`, or as the result with `report: ema`) and
-    saved as `checkpoints/ema_student.pt`. Its weights travel in every Lightning checkpoint, so a resumed
-    run continues the same average.
-    """
-
-    def __init__(self, decay: float, output_dir):
-        if not 0.0 < decay < 1.0:
-            raise UserError(f"ema_decay must lie in (0, 1), e.g. 0.99996 (DeiT); got {decay}")
-        self.decay = decay
-        self.output_path = Path(output_dir) / "checkpoints" / "ema_student.pt"
-        self.ema: ModelEmaV3 | None = None
-        self.top1: float | None = None
-        self._restored: dict | None = None
-        self._updated_at_step = -1
-
-    def on_fit_start(self, trainer, pl_module) -> None:
-        self.ema = ModelEmaV3(pl_module.student, decay=self.decay)
-        if self._restored is not None:
-            self.ema.module.load_state_dict(self._restored)
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if trainer.global_step != self._updated_at_step:  # once per optimizer step (gradient accumulation)
-            self._updated_at_step = trainer.global_step
-            self.ema.update(pl_module.student, step=trainer.global_step)
-
-    def on_train_end(self, trainer, pl_module) -> None:
-        self.top1 = top1_on(self.ema.module, trainer.datamodule.val_dataloader(), pl_module.device)
-        if trainer.is_global_zero:
-            self.output_path.parent.mkdir(parents=True, exist_ok=True)
-            atomic_torch_save(self.ema.module.state_dict(), self.output_path)
-
-    def state_dict(self) -> dict:
-        return {"ema_student": self.ema.module.state_dict()} if self.ema is not None else {}
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        self._restored = state_dict.get("ema_student")
-        if self._restored is not None and self.ema is not None:
-            self.ema.module.load_state_dict(self._restored)

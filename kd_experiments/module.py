@@ -3,7 +3,7 @@ name: it asks the method which features it needs, runs the networks, and sums th
 their configured weights and warm-ups."""
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 
 import pytorch_lightning as pl
 import torch
@@ -18,6 +18,7 @@ from kd_experiments.callbacks import NonFiniteWatch
 from kd_experiments.errors import UserError
 from kd_experiments.methods.compose import LossWeights, Objectives
 from kd_experiments.models.features import extract_features
+from kd_experiments.teachers import Teacher
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
 SchedulerFactory = Callable[[torch.optim.Optimizer], object]
@@ -32,6 +33,8 @@ class DistillationModule(pl.LightningModule):
     freezing guarantee by construction: Lightning's `train()` calls never reach it, it is never in
     `parameters()` (so never in the optimizer, nor wrapped by DDP), and never in `state_dict()` (checkpoints
     record its identity instead). `_apply` still moves it with the module to each device and dtype.
+    `teacher` is a `teachers.Teacher` (network, input normalisation, identity) or a bare network that takes
+    the data as it is.
     """
 
     def __init__(
@@ -43,9 +46,7 @@ class DistillationModule(pl.LightningModule):
         num_classes: int,
         scheduler: SchedulerFactory | None = None,
         scheduler_interval: str = "epoch",
-        teacher: nn.Module | None = None,
-        teacher_identity: Mapping | None = None,
-        teacher_input: nn.Module | None = None,
+        teacher: Teacher | nn.Module | None = None,
         clip_scaled_gradients: bool = False,
     ):
         super().__init__()
@@ -62,10 +63,12 @@ class DistillationModule(pl.LightningModule):
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.scheduler_interval = scheduler_interval
-        self._frozen_teacher = () if teacher is None else (teacher.eval().requires_grad_(False),)
+        if isinstance(teacher, nn.Module):  # a bare network: it takes the data as it is, no identity
+            teacher = Teacher(teacher)
+        self._frozen_teacher = () if teacher is None else (teacher.network,)
         # The teacher's own input normalisation, when it differs from the data's (data.base.Renormalize).
-        self.teacher_input = teacher_input or nn.Identity()
-        self.teacher_identity = dict(teacher_identity or {})
+        self.teacher_input = (teacher.input if teacher is not None else None) or nn.Identity()
+        self.teacher_identity = dict(teacher.identity) if teacher is not None else {}
         self.clip_scaled_gradients = clip_scaled_gradients
 
         self.train_means = nn.ModuleDict({name: MeanMetric() for name in (*method.terms, "loss")})

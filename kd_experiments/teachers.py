@@ -1,5 +1,7 @@
-"""Where the teacher's weights come from: a checkpoint file, a timm pretrained tag, an explicit random
-init (benchmarks only), or a CE-trained teacher cached under `outputs/teachers/` and reused.
+"""The frozen teacher of a run (`Teacher`: network, input normalisation, identity, cache key) and where its
+weights come from: a checkpoint file, a timm pretrained tag, an explicit random init (benchmarks only), or
+a CE-trained teacher cached under `outputs/teachers/` and reused. The training itself is the run layer's
+(`build_teacher(train_with_ce=...)`): this module sits below the LightningModule and imports none of it.
 
 When every rank runs the whole script (srun with one task per GPU, torchrun, multi-node), only global rank
 zero trains the teacher and computes teacher statistics; the other ranks wait for its cache files (up to
@@ -10,20 +12,19 @@ import json
 import logging
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
-import pytorch_lightning as pl
 import torch
 from filelock import FileLock, Timeout
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.utilities import rank_zero_only
 from torch import nn
 
 from kd_experiments.callbacks import top1_on
-from kd_experiments.data.base import ClassificationData
+from kd_experiments.data.base import ClassificationData, Renormalize
 from kd_experiments.errors import UserError
 from kd_experiments.files import atomic_torch_save, atomic_write_text
 from kd_experiments.models import create_model
@@ -36,6 +37,35 @@ DATA_KEYS_IGNORED_BY_CACHE = {"num_workers", "eval_batch_size", "download", "how
 CACHE_WAIT_ENV = "KD_CACHE_WAIT_S"  # how long a rank > 0 waits for rank zero's cache files
 CACHE_WAIT_DEFAULT_S = 24 * 3600  # rank zero may be training a teacher, which can take hours
 CACHE_POLL_S = 2.0
+# Trains a network with cross-entropy on the data module, with the recipe and seed; returns its val top-1.
+TrainWithCE = Callable[[nn.Module, ClassificationData, DictConfig, int], float]
+
+
+@dataclass
+class Teacher:
+    """A run's teacher: the network (frozen here: eval mode, no gradients), the map from the data's
+    normalisation to its own (`input`; None when it takes the data as it is), and its `identity` (arch,
+    source, sha256 of the weights' content, ...) that checkpoints and summary.json record."""
+
+    network: nn.Module
+    input: nn.Module | None = None
+    identity: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.network.eval().requires_grad_(False)
+
+    def prepare(self, images: torch.Tensor) -> torch.Tensor:
+        """`images` as normalised for the data set, in the teacher's own normalisation."""
+        return self.input(images) if self.input is not None else images
+
+    @property
+    def cache_key(self) -> str:
+        """What its cached statistics are keyed by: the weights' content and the input normalisation (a
+        teacher shown re-normalised images yields other statistics)."""
+        payload = {"sha256": self.identity["sha256"], "arch": self.identity["arch"]}
+        if self.input is not None:
+            payload["input"] = [buffer.flatten().tolist() for buffer in (self.input.scale, self.input.shift)]
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def create_network(role: str, model_cfg: DictConfig, image_size: int | None, pretrained=False) -> nn.Module:
@@ -90,40 +120,72 @@ def build_teacher(
     datamodule: ClassificationData | None,
     cache_dir: str,
     network: nn.Module | None = None,
-) -> tuple[nn.Module, dict]:
-    """Return the teacher (weights loaded, frozen, eval mode) and its identity (arch, source, sha256 of the
-    weights' content, and for a `teacher.checkpoint` file_sha256 of that file: the cache's own files are
-    identified by their content alone, so they are not read twice).
+    train_with_ce: TrainWithCE | None = None,
+) -> Teacher:
+    """The run's teacher, weights loaded and frozen, with its input normalisation (`teacher.input_mean` /
+    `input_std`) and identity (arch, source, sha256 of the weights' content, and for a
+    `teacher.checkpoint` file_sha256 of that file: the cache's own files are identified by their content
+    alone, so they are not read twice).
 
     `network` is the teacher architecture already built (and probed) with random weights; the weights are
-    loaded into it, except timm's pretrained ones, for which timm builds the network anew."""
-    arch = teacher_cfg.arch
+    loaded into it, except timm's pretrained ones, for which timm builds the network anew. A teacher
+    trained on the fly is trained by `train_with_ce` (the run layer's) and cached."""
     source = teacher_weight_source(teacher_cfg)
     if source == "teacher.pretrained" or network is None:
         pretrained = teacher_cfg.pretrained if source == "teacher.pretrained" else False
         image_size = datamodule.image_size if datamodule is not None else None  # None: the model's own
         network = create_network("teacher", teacher_cfg, image_size, pretrained)
-    model = network
-    identity = {"arch": arch, "num_classes": teacher_cfg.num_classes}
-    if source == "teacher.checkpoint":
-        path = Path(teacher_cfg.checkpoint).expanduser()
-        load_weights(model, read_state_dict(path), arch, str(path))
-        identity |= {"source": "checkpoint", "path": str(path.resolve()), "file_sha256": file_sha256(path)}
-    elif source == "teacher.pretrained":
-        tag = "default" if teacher_cfg.pretrained is True else teacher_cfg.pretrained
-        identity |= {"source": f"timm:{tag}"}
-    elif source == "teacher.weights":
-        log.warning(
-            "TEACHER WEIGHTS ARE RANDOM (teacher.weights=random): distillation results are meaningless; "
-            "use this only for benchmarks"
+    identity = {"arch": teacher_cfg.arch, "num_classes": teacher_cfg.num_classes}
+    if source == "train":
+        identity |= _cached_or_trained(
+            network, teacher_cfg, dataset_cfg, datamodule, Path(cache_dir), train_with_ce
         )
-        identity |= {"source": "random"}
     else:
-        identity |= _cached_or_trained(model, teacher_cfg, dataset_cfg, datamodule, Path(cache_dir))
+        identity |= _load_given_weights(network, teacher_cfg, source)
     # The weights' content, not the file's bytes (a zip whose member names vary from one save to the next):
     # the statistics cache is keyed on it.
-    identity["sha256"] = state_dict_sha256(model.state_dict())
-    return model.eval().requires_grad_(False), identity
+    identity["sha256"] = state_dict_sha256(network.state_dict())
+    normalisation = teacher_input(teacher_cfg, datamodule) if datamodule is not None else None
+    return Teacher(network, normalisation, identity)
+
+
+def _load_given_weights(network: nn.Module, teacher_cfg: DictConfig, source: str) -> dict:
+    """Weights from `teacher.checkpoint`, `teacher.pretrained` (timm loaded them) or `weights=random`."""
+    if source == "teacher.checkpoint":
+        path = Path(teacher_cfg.checkpoint).expanduser()
+        load_weights(network, read_state_dict(path), teacher_cfg.arch, str(path))
+        return {"source": "checkpoint", "path": str(path.resolve()), "file_sha256": file_sha256(path)}
+    if source == "teacher.pretrained":
+        return {"source": f"timm:{'default' if teacher_cfg.pretrained is True else teacher_cfg.pretrained}"}
+    log.warning(
+        "TEACHER WEIGHTS ARE RANDOM (teacher.weights=random): distillation results are meaningless; "
+        "use this only for benchmarks"
+    )
+    return {"source": "random"}
+
+
+def teacher_input(teacher_cfg: DictConfig, datamodule: ClassificationData) -> Renormalize | None:
+    """The map from the data's normalisation to the teacher's own (`teacher.input_mean` /
+    `teacher.input_std`), or None when the teacher takes the data as it is."""
+    mean, std = teacher_cfg.get("input_mean"), teacher_cfg.get("input_std")
+    if mean is None and std is None:
+        return None
+    if mean is None or std is None:
+        raise UserError("set both teacher.input_mean and teacher.input_std, or neither")
+    if datamodule.normalization is None:
+        raise UserError(
+            f"teacher.input_mean/input_std re-normalise the images for the teacher, but dataset "
+            f"{datamodule.name} does not declare its own normalisation; drop them for this data set"
+        )
+    target = (tuple(mean), tuple(std))
+    if any(len(values) != datamodule.channels for values in target):
+        raise UserError(
+            f"teacher.input_mean and input_std need {datamodule.channels} values (one per channel); "
+            f"got {list(mean)} and {list(std)}"
+        )
+    if target == tuple(map(tuple, datamodule.normalization)):
+        return None
+    return Renormalize(datamodule.normalization, target)
 
 
 def model_kwargs(model_cfg: DictConfig) -> dict:
@@ -273,6 +335,7 @@ def _cached_or_trained(
     dataset_cfg: DictConfig,
     datamodule: ClassificationData,
     cache_dir: Path,
+    train_with_ce: TrainWithCE | None,
 ) -> dict:
     key = teacher_cache_key(teacher_cfg, dataset_cfg)
     weights_path = cache_dir / f"{teacher_cfg.arch}-{datamodule.name}-{key}.pt"
@@ -281,10 +344,10 @@ def _cached_or_trained(
     # and, training not being bit-reproducible across devices, could distil from different teachers.
     if not _is_rank_zero():
         wait_for_files([weights_path, meta_path], f"the CE-trained teacher {teacher_cfg.arch}")
-        return _trained_or_cached(model, teacher_cfg, datamodule, weights_path, meta_path, key)
+        return _trained_or_cached(model, teacher_cfg, datamodule, weights_path, meta_path, key, train_with_ce)
     # Two runs needing one teacher (a parallel sweep, two shells): one trains, the other waits and reads it.
     with cache_lock(weights_path, f"the teacher {teacher_cfg.arch}"):
-        return _trained_or_cached(model, teacher_cfg, datamodule, weights_path, meta_path, key)
+        return _trained_or_cached(model, teacher_cfg, datamodule, weights_path, meta_path, key, train_with_ce)
 
 
 def _trained_or_cached(
@@ -294,6 +357,7 @@ def _trained_or_cached(
     weights_path: Path,
     meta_path: Path,
     key: str,
+    train_with_ce: TrainWithCE | None,
 ) -> dict:
     meta = _read_cached_teacher(model, teacher_cfg.arch, weights_path, meta_path)
     if meta is not None:
@@ -311,7 +375,11 @@ def _trained_or_cached(
         f"{recipe.max_epochs} epochs, then caching it at {weights_path}"
     )
     started = time.perf_counter()
-    val_top1 = _train_with_cross_entropy(model, datamodule, recipe, teacher_cfg.seed)
+    if train_with_ce is None:
+        raise ValueError("build_teacher needs train_with_ce to train a teacher on the fly")
+    model.train()  # the probe left it in eval mode, and Lightning keeps each submodule's mode
+    val_top1 = train_with_ce(model, datamodule, recipe, teacher_cfg.seed)
+    model.cpu()
     train_s = time.perf_counter() - started
     atomic_torch_save(model.state_dict(), weights_path)
     meta = {"arch": teacher_cfg.arch, "key": key, "val_top1": val_top1, "train_s": round(train_s, 2)}
@@ -326,88 +394,45 @@ def _trained_or_cached(
     }
 
 
-def _train_with_cross_entropy(
-    model: nn.Module, datamodule: ClassificationData, recipe: DictConfig, seed: int
-) -> float:
-    # Imported here: the module imports this file's siblings, and teacher training is the rare path.
-    from kd_experiments.callbacks import progress_bar
-    from kd_experiments.methods.ce import CrossEntropy
-    from kd_experiments.methods.compose import LossWeights, Objectives
-    from kd_experiments.module import DistillationModule
-
-    pl.seed_everything(seed, workers=True, verbose=False)
-    model.train()  # the probe left it in eval mode, and Lightning keeps each submodule's mode
-    module = DistillationModule(
-        student=model,
-        method=Objectives({"ce": CrossEntropy()}),
-        loss_weights=LossWeights({"ce": 1.0}),
-        optimizer=instantiate(recipe.optimizer),
-        scheduler=instantiate(recipe.scheduler) if recipe.get("scheduler") else None,
-        num_classes=datamodule.num_classes,
-    )
-    trainer = pl.Trainer(
-        max_epochs=recipe.max_epochs,
-        accelerator=recipe.get("accelerator", "auto"),
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        check_val_every_n_epoch=recipe.max_epochs,  # one validation, at the end
-        callbacks=[progress_bar()],
-    )
-    trainer.fit(module, datamodule=datamodule)
-    model.cpu()
-    return module.validation_history[-1]["top1"]
-
-
 def prepare_teacher_statistics(
     method: nn.Module,
-    teacher: nn.Module,
-    teacher_identity: dict,
+    teacher: Teacher,
     dataset_cfg: DictConfig,
     datamodule: ClassificationData,
     cache_dir: str,
-    teacher_input: nn.Module | None = None,
 ) -> None:
     """Give every objective that declares `statistics_name` its teacher statistics (ND's class centres,
-    LSHFM's hash bias): from the cache when this teacher (sha256), data config and statistic were seen
-    before, otherwise computed in one eval-mode pass over the training split and cached. A cache entry of
-    another teacher or data set can never match, since both are in the key. Only global rank zero
+    LSHFM's hash bias): from the cache when this teacher (its cache key), data config and statistic were
+    seen before, otherwise computed in one eval-mode pass over the training split and cached. A cache entry
+    of another teacher or data set can never match, since both are in the key. Only global rank zero
     computes; other ranks wait for its file (see `wait_for_files`)."""
-    from kd_experiments.methods.base import DistillationMethod
-
     for objective in method.modules():
-        if not isinstance(objective, DistillationMethod) or objective.statistics_name is None:
+        if getattr(objective, "statistics_name", None) is None:
             continue
-        path = _statistics_path(
-            objective.statistics_name, teacher_identity, dataset_cfg, cache_dir, teacher_input
-        )
+        path = _statistics_path(objective.statistics_name, teacher, dataset_cfg, cache_dir)
         what = f"teacher statistics {objective.statistics_name}"
         if not _is_rank_zero():
             wait_for_files([path], what)
-            statistics = _statistics_cached_or_computed(objective, teacher, datamodule, teacher_input, path)
+            statistics = _statistics_cached_or_computed(objective, teacher, datamodule, path)
         else:
             with cache_lock(path, what):  # two runs needing one statistic compute it once
-                statistics = _statistics_cached_or_computed(
-                    objective, teacher, datamodule, teacher_input, path
-                )
+                statistics = _statistics_cached_or_computed(objective, teacher, datamodule, path)
         objective.set_teacher_statistics(statistics)
 
 
-def _statistics_cached_or_computed(objective, teacher, datamodule, teacher_input, path: Path) -> dict:
+def _statistics_cached_or_computed(objective, teacher: Teacher, datamodule, path: Path) -> dict:
     statistics = _read_cached_statistics(path)
     if statistics is not None:
         log.info(f"Teacher statistics {objective.statistics_name}: reusing {path}")
         return statistics
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     started = time.perf_counter()
-    teacher.to(device)
+    network = teacher.network.to(device)
     with torch.no_grad():
         statistics = objective.compute_teacher_statistics(
-            teacher, _statistics_batches(datamodule, teacher_input, device)
+            network, _statistics_batches(datamodule, teacher.input, device)
         )
-    teacher.cpu()
+    network.cpu()
     statistics = {name: value.cpu() for name, value in statistics.items()}
     atomic_torch_save(statistics, path)
     log.info(
@@ -428,25 +453,18 @@ def _read_cached_statistics(path: Path) -> dict | None:
         return None
 
 
-def _statistics_path(
-    statistic: str, teacher_identity: dict, dataset_cfg: DictConfig, cache_dir: str, teacher_input
-) -> Path:
-    """The cache file of one statistic: keyed by the teacher's content, the data config and the teacher's
-    input normalisation, so an entry of another teacher or data set never matches."""
+def _statistics_path(statistic: str, teacher: Teacher, dataset_cfg: DictConfig, cache_dir: str) -> Path:
+    """The cache file of one statistic: keyed by the teacher (its content and input normalisation) and the
+    data config, so an entry of another teacher or data set never matches."""
     dataset = OmegaConf.to_container(dataset_cfg, resolve=True)
     payload = {
         "format": CACHE_FORMAT,
         "statistic": statistic,
-        "teacher_sha256": teacher_identity["sha256"],
-        "teacher_arch": teacher_identity["arch"],
+        "teacher": teacher.cache_key,
         "dataset": {k: v for k, v in dataset.items() if k not in DATA_KEYS_IGNORED_BY_CACHE},
     }
-    if teacher_input is not None:  # the teacher saw re-normalised images: a different statistic
-        payload["teacher_input"] = [
-            buffer.flatten().tolist() for buffer in (teacher_input.scale, teacher_input.shift)
-        ]
     key = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
-    return Path(cache_dir) / "statistics" / f"{statistic}-{teacher_identity['arch']}-{key}.pt"
+    return Path(cache_dir) / "statistics" / f"{statistic}-{teacher.identity['arch']}-{key}.pt"
 
 
 def _is_rank_zero() -> bool:
@@ -497,12 +515,7 @@ def _statistics_batches(datamodule: ClassificationData, teacher_input: nn.Module
     return ((teacher_input(images.to(device)), labels) for images, labels in loader)
 
 
-def check_teacher_reference(
-    teacher: nn.Module,
-    teacher_cfg: DictConfig,
-    datamodule: ClassificationData,
-    teacher_input: nn.Module | None = None,
-):
+def check_teacher_reference(teacher: Teacher, teacher_cfg: DictConfig, datamodule: ClassificationData):
     """Score the teacher on the validation split before distilling when its published top-1 is known
     (`teacher.reference_top1`); warn loudly when it is more than `reference_tolerance` points below.
     Returns the measured top-1 (%), or None when there is no reference."""
@@ -510,9 +523,9 @@ def check_teacher_reference(
     if reference is None:
         return None
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    prepare = teacher_input.to(device) if teacher_input is not None else None  # the teacher's normalisation
-    top1 = top1_on(teacher.to(device), datamodule.val_dataloader(), device, prepare)
-    teacher.cpu()
+    prepare = teacher.input.to(device) if teacher.input is not None else None  # its own normalisation
+    top1 = top1_on(teacher.network.to(device), datamodule.val_dataloader(), device, prepare)
+    teacher.network.cpu()
     tolerance = teacher_cfg.get("reference_tolerance", 2.0)
     if top1 < reference - tolerance:
         log.warning(

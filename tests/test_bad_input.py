@@ -66,6 +66,7 @@ CASES = {
     "unknown model": (["student.arch=resnet9000"], "unknown model 'resnet9000'"),
     "zero temperature": (["method.objectives.kd.temperature=0"], "temperature must be positive, got 0"),
     "nan weight": (["method.weights.kd=nan"], "method.weights.kd must be a finite number, got nan"),
+    "infinite weight": (["method.weights.kd=inf"], "method.weights.kd must be a finite number, got inf"),
     "weight without objective": (["+method.weights.nd=1.0"], "give exactly one weight per term"),
     "old objective key": (["+method.objective.temperature=2"], "method.objective is now method.objectives"),
     "second head on a CNN": (["method=deit"], "ConvNet has one head; use a two-headed DeiT student"),

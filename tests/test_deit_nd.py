@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from kd_experiments.assembly import build_method
 from kd_experiments.errors import UserError
 from kd_experiments.losses import nd_loss
 from kd_experiments.methods.ce import CrossEntropy
@@ -16,7 +17,6 @@ from kd_experiments.methods.deit import DistillationToken
 from kd_experiments.methods.nd import EmbeddingProjector, NormDirection
 from kd_experiments.models import create_model, extract_features
 from kd_experiments.models.features import NetworkOutput
-from kd_experiments.train import build_method
 from tests.conftest import compose_config
 
 IMAGES = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))

@@ -9,12 +9,12 @@ import torch
 from pytorch_lightning.plugins.precision import MixedPrecision
 from timm.models.resnet import BasicBlock
 
+from kd_experiments.assembly import init_classifier
 from kd_experiments.methods.ce import CrossEntropy
 from kd_experiments.methods.compose import LossWeights, Objectives
 from kd_experiments.models import create_model
 from kd_experiments.module import DistillationModule
 from kd_experiments.teachers import create_network, model_kwargs
-from kd_experiments.train import _init_classifier
 from tests.conftest import compose_config
 
 
@@ -48,13 +48,13 @@ def test_conv_stem_deit_is_initialised_as_vkd_models_deit():
 def test_classifier_init_redraws_the_student_head_as_nds_code():
     torch.manual_seed(0)
     student = create_model("resnet20", 100)
-    _init_classifier(student, {"weight_std": 0.01, "bias_std": 0.0})  # ND's MobileNetV2 init
+    init_classifier(student, {"weight_std": 0.01, "bias_std": 0.0})  # ND's MobileNetV2 init
     assert student.fc.weight.std().item() == pytest.approx(0.01, rel=0.05)
     assert torch.count_nonzero(student.fc.bias) == 0
-    _init_classifier(student, {"weight_std": 0.01, "bias_std": 0.01})  # ND's CIFAR ResNets
+    init_classifier(student, {"weight_std": 0.01, "bias_std": 0.01})  # ND's CIFAR ResNets
     assert student.fc.bias.std().item() == pytest.approx(0.01, rel=0.3)
     before = student.fc.weight.clone()
-    _init_classifier(student, {"weight_std": None, "bias_std": 0.0})  # WRN: bias only
+    init_classifier(student, {"weight_std": None, "bias_std": 0.0})  # WRN: bias only
     assert torch.equal(student.fc.weight, before) and torch.count_nonzero(student.fc.bias) == 0
 
 

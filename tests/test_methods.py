@@ -12,6 +12,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.loggers import CSVLogger
 
+from kd_experiments.assembly import build_method
 from kd_experiments.data.digits import DigitsData
 from kd_experiments.errors import UserError
 from kd_experiments.methods.base import DistillationMethod
@@ -30,8 +31,7 @@ from kd_experiments.methods.vkd import OrthogonalProjection
 from kd_experiments.models import create_model, extract_features
 from kd_experiments.models.features import NetworkOutput
 from kd_experiments.module import DistillationModule
-from kd_experiments.teachers import prepare_teacher_statistics
-from kd_experiments.train import build_method
+from kd_experiments.teachers import Teacher, prepare_teacher_statistics
 from tests.conftest import REPO, compose_config, run_cli
 
 # ------------------------------------------------------------------------------------- warm-up and weights
@@ -377,28 +377,27 @@ def digits_pair():
 
 
 def test_nd_class_centres_are_the_teacher_class_means_and_are_cached(tmp_path):
-    data, teacher = digits_pair()
-    identity = {"arch": "convnet_wide", "sha256": "a" * 64}
+    data, network = digits_pair()
+    teacher = Teacher(network, identity={"arch": "convnet_wide", "sha256": "a" * 64})
     dataset_cfg = compose_config().dataset
     method = Objectives({"kd": HintonKD(), "nd": NormDirection()})
-    prepare_teacher_statistics(method, teacher, identity, dataset_cfg, data, str(tmp_path))
+    prepare_teacher_statistics(method, teacher, dataset_cfg, data, str(tmp_path))
     centres = method.objectives["nd"].class_centers
     # by hand: the training images are shifted at random, so compare with the unshifted means loosely,
     # and exactly with a second pass that reads the cache
     images, labels = data.train_set.tensors
     with torch.no_grad():
-        embeddings = extract_features(teacher, images, frozenset({"embedding"})).embedding
+        embeddings = extract_features(network, images, frozenset({"embedding"})).embedding
     for cls in range(10):
         expected = embeddings[labels == cls].mean(0)
         assert torch.nn.functional.cosine_similarity(centres[cls], expected, dim=0) > 0.95
     (cached,) = (tmp_path / "statistics").glob("class_centers-convnet_wide-*.pt")
     again = NormDirection()
-    prepare_teacher_statistics(again, teacher, identity, dataset_cfg, data, str(tmp_path))
+    prepare_teacher_statistics(again, teacher, dataset_cfg, data, str(tmp_path))
     assert torch.equal(again.class_centers, centres)
     # another teacher never reads this cache
-    prepare_teacher_statistics(
-        NormDirection(), teacher, identity | {"sha256": "b" * 64}, dataset_cfg, data, str(tmp_path)
-    )
+    other = Teacher(network, identity=teacher.identity | {"sha256": "b" * 64})
+    prepare_teacher_statistics(NormDirection(), other, dataset_cfg, data, str(tmp_path))
     assert len(list((tmp_path / "statistics").glob("*.pt"))) == 2
 
 

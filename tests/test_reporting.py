@@ -8,7 +8,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 
-from kd_experiments.callbacks import StudentEMA, WeightAveraging
+from kd_experiments.reporting import StudentEMA, WeightAveraging
 from tests.conftest import QUICK, run_cli
 
 

@@ -213,3 +213,52 @@ def test_the_identical_command_in_a_finished_run_changes_nothing(workdir, monkey
     assert result.returncode == 0
     assert f"{run_dir} already finished this run (status completed); nothing to do" in result.stderr
     assert snapshot(run_dir) == before
+
+
+def test_the_averaged_and_ema_students_resume_exactly(workdir, monkeypatch, capsys):
+    protocol = ["report=weight_average", "average_epochs=3", "ema_decay=0.9"]
+    outcomes = {}
+    for name, faults in (("whole", []), ("killed", fault("SIGKILL", 2, workdir / "fired"))):
+        command = [*RUN, *protocol, f"hydra.run.dir={workdir / 'outputs' / name}", *faults]
+        if faults:  # killed in epoch 2, with epoch 1 already in the average
+            assert (
+                run_cli(*command, cwd=workdir, env=with_repo_on_path(workdir)).returncode == -signal.SIGKILL
+            )
+        result = run_main_in_process(*command, cwd=workdir, monkeypatch=monkeypatch, capsys=capsys)
+        assert result.returncode == 0, result.stderr[-2000:]
+        outcomes[name] = workdir / "outputs" / name
+    whole, resumed = (json.loads((outcomes[n] / "summary.json").read_text()) for n in ("whole", "killed"))
+    assert resumed["resumes"] == [{"from_epoch": 2, "from_step": 12}]
+    for key in ("student_top1_reported", "averaged_epochs", "student_top1_ema", "student_top1"):
+        assert resumed[key] == whole[key], key
+    assert whole["averaged_epochs"] == 3
+    for saved in ("averaged_student.pt", "ema_student.pt"):
+        expected, got = (torch.load(outcomes[n] / "checkpoints" / saved) for n in ("whole", "killed"))
+        for name, tensor in expected.items():
+            torch.testing.assert_close(got[name], tensor, rtol=0, atol=1e-6, msg=f"{saved}: {name}")
+
+
+@pytest.mark.parametrize("under_slurm", [False, True])
+def test_sigusr1_is_ours_except_under_slurm_where_lightning_requeues(tmp_path, monkeypatch, under_slurm):
+    import pytorch_lightning as pl
+    from lightning_fabric.plugins.environments import SLURMEnvironment
+
+    from kd_experiments.resume import Preemption
+
+    for name in ("SLURM_NTASKS", "SLURM_JOB_NAME", "SLURM_JOB_ID"):
+        monkeypatch.delenv(name, raising=False)
+    if under_slurm:  # what sbatch / srun set
+        monkeypatch.setenv("SLURM_NTASKS", "1")
+        monkeypatch.setenv("SLURM_JOB_NAME", "distil")
+        monkeypatch.setenv("SLURM_JOB_ID", "1234")
+    trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False)
+    slurm = isinstance(trainer._accelerator_connector.cluster_environment, SLURMEnvironment)
+    assert slurm == under_slurm
+    preemption = Preemption(tmp_path)
+    before = signal.getsignal(signal.SIGUSR1)
+    with preemption.signals(trainer):
+        assert signal.getsignal(signal.SIGTERM) == preemption._record  # Lightning calls it after its own
+        usr1 = signal.getsignal(signal.SIGUSR1)
+        # under SLURM, SIGUSR1 is left to Lightning's SLURMEnvironment (save hpc_ckpt, scontrol requeue)
+        assert (usr1 == preemption._as_sigterm) == (not under_slurm)
+    assert signal.getsignal(signal.SIGUSR1) == before

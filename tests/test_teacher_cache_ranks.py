@@ -16,7 +16,7 @@ from kd_experiments.data.digits import DigitsData
 from kd_experiments.errors import UserError
 from kd_experiments.methods.nd import NormDirection
 from kd_experiments.models import create_model
-from kd_experiments.teachers import build_teacher, prepare_teacher_statistics, teacher_cache_key
+from kd_experiments.teachers import Teacher, build_teacher, prepare_teacher_statistics, teacher_cache_key
 from tests.conftest import QUICK, clean_env, compose_config
 
 RANK_VARIABLES = ("RANK", "LOCAL_RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK")
@@ -48,13 +48,15 @@ def test_rank_one_waits_for_both_teacher_files_then_loads_them(rank_one, monkeyp
     def never_train(*args):
         raise AssertionError("a rank > 0 trained a teacher")
 
-    monkeypatch.setattr(teachers, "_train_with_cross_entropy", never_train)
     # The weights alone are not a finished cache entry: the .json, written last, comes 0.5 s later.
     weights_thread = write_later(0.3, lambda: torch.save(written, weights_path))
     meta_thread = write_later(0.8, lambda: meta_path.write_text('{"val_top1": 12.5, "train_s": 3.0}'))
     started = time.monotonic()
     with caplog.at_level("INFO", logger="kd_experiments.teachers"):
-        teacher, identity = build_teacher(cfg.teacher, cfg.dataset, DigitsData(), str(tmp_path))
+        built = build_teacher(
+            cfg.teacher, cfg.dataset, DigitsData(), str(tmp_path), train_with_ce=never_train
+        )
+    teacher, identity = built.network, built.identity
     weights_thread.join()
     meta_thread.join()
     assert time.monotonic() - started >= 0.8
@@ -67,12 +69,12 @@ def test_rank_one_waits_for_both_teacher_files_then_loads_them(rank_one, monkeyp
 def test_rank_one_waits_for_the_statistics_file_then_loads_it(rank_one, monkeypatch, tmp_path, caplog):
     data = DigitsData()
     data.setup()
-    teacher = create_model("convnet_wide", num_classes=10, in_chans=1).eval()
-    identity = {"arch": "convnet_wide", "sha256": "a" * 64}
+    network = create_model("convnet_wide", num_classes=10, in_chans=1)
+    teacher = Teacher(network, identity={"arch": "convnet_wide", "sha256": "a" * 64})
     dataset_cfg = compose_config().dataset
     # Rank zero's file name, found by letting rank zero compute into another directory.
     monkeypatch.setattr(rank_zero_only, "rank", 0)
-    prepare_teacher_statistics(NormDirection(), teacher, identity, dataset_cfg, data, str(tmp_path / "zero"))
+    prepare_teacher_statistics(NormDirection(), teacher, dataset_cfg, data, str(tmp_path / "zero"))
     (computed,) = (tmp_path / "zero/statistics").glob("class_centers-*.pt")
     monkeypatch.setattr(rank_zero_only, "rank", 1)
 
@@ -86,7 +88,7 @@ def test_rank_one_waits_for_the_statistics_file_then_loads_it(rank_one, monkeypa
     thread = write_later(0.5, lambda: torch.save(written, path))
     method = NormDirection()
     with caplog.at_level("INFO", logger="kd_experiments.teachers"):
-        prepare_teacher_statistics(method, teacher, identity, dataset_cfg, data, str(tmp_path / "shared"))
+        prepare_teacher_statistics(method, teacher, dataset_cfg, data, str(tmp_path / "shared"))
     thread.join()
     assert "Rank 1: waiting for rank 0 to write teacher statistics class_centers" in caplog.text
     assert torch.equal(method.class_centers, written["class_centers"])

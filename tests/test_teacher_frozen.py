@@ -11,6 +11,7 @@ from kd_experiments.methods.compose import LossWeights, Objectives
 from kd_experiments.methods.kd import HintonKD
 from kd_experiments.models import create_model
 from kd_experiments.module import DistillationModule
+from kd_experiments.teachers import Teacher
 from tests.conftest import compose_config
 
 
@@ -39,8 +40,7 @@ def build_module():
         loss_weights=LossWeights({"ce": 0.1, "kd": 0.9}),
         optimizer=lambda params: torch.optim.SGD(params, lr=0.05, momentum=0.9),
         num_classes=10,
-        teacher=teacher,
-        teacher_identity={"arch": "convnet_wide", "source": "random", "sha256": "abc"},
+        teacher=Teacher(teacher, identity={"arch": "convnet_wide", "source": "random", "sha256": "abc"}),
     )
     return module, data
 

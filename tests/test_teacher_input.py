@@ -9,6 +9,7 @@ from kd_experiments.methods.ce import CrossEntropy
 from kd_experiments.methods.compose import LossWeights, Objectives
 from kd_experiments.methods.kd import HintonKD
 from kd_experiments.module import DistillationModule
+from kd_experiments.teachers import Teacher
 from tests.conftest import QUICK, run_cli
 
 IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
@@ -43,7 +44,7 @@ def test_only_the_teacher_sees_its_own_normalisation():
     module = DistillationModule(
         student=student, method=Objectives({"ce": CrossEntropy(), "kd": HintonKD()}),
         loss_weights=LossWeights({"ce": 1.0, "kd": 1.0}), num_classes=3,
-        optimizer=torch.optim.SGD, teacher=teacher, teacher_input=Renormalize(IMAGENET, HALF),
+        optimizer=torch.optim.SGD, teacher=Teacher(teacher, Renormalize(IMAGENET, HALF)),
     )  # fmt: skip
     images = torch.zeros(2, 3, 4, 4)  # the data's mean colour
     module.log = lambda *args, **kwargs: None

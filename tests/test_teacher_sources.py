@@ -37,7 +37,8 @@ def test_checkpoint_file_layouts(tmp_path, layout):
     }[layout]
     path = tmp_path / "teacher.pth"
     torch.save(content, path)
-    teacher, identity = build_teacher(teacher_cfg(checkpoint=str(path)), None, None, str(tmp_path))
+    built = build_teacher(teacher_cfg(checkpoint=str(path)), None, None, str(tmp_path))
+    teacher, identity = built.network, built.identity
     assert_same_weights(teacher, source)
     assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
     assert identity["source"] == "checkpoint"
@@ -52,7 +53,7 @@ def test_two_saves_of_one_teacher_have_one_identity(tmp_path):
     for name in ("a.pt", "b.pt"):
         torch.save(weights, tmp_path / name)
         identities.append(
-            build_teacher(teacher_cfg(checkpoint=str(tmp_path / name)), None, None, str(tmp_path))[1]
+            build_teacher(teacher_cfg(checkpoint=str(tmp_path / name)), None, None, str(tmp_path)).identity
         )
     assert identities[0]["file_sha256"] != identities[1]["file_sha256"]
     assert identities[0]["sha256"] == identities[1]["sha256"] == state_dict_sha256(weights)
@@ -62,7 +63,8 @@ def test_lightning_checkpoint_of_an_earlier_run_is_a_teacher(project_dir, tmp_pa
     (checkpoint,) = project_dir.glob("outputs/runs/*/*/checkpoints/last.ckpt")
     saved = torch.load(checkpoint, weights_only=True)["state_dict"]
     cfg = teacher_cfg(arch="convnet_narrow", checkpoint=str(checkpoint))
-    teacher, identity = build_teacher(cfg, None, None, str(tmp_path))
+    built = build_teacher(cfg, None, None, str(tmp_path))
+    teacher, identity = built.network, built.identity
     assert_same_weights(teacher, {k.removeprefix("student."): v for k, v in saved.items()})
     assert identity["path"] == str(checkpoint.resolve())
 
@@ -75,14 +77,15 @@ def test_timm_pretrained_weights_from_a_local_file(tmp_path):
         arch="resnet10t", in_chans=3, pretrained=True,
         model_kwargs={"pretrained_cfg_overlay": {"file": str(weights_file)}},
     )  # fmt: skip
-    teacher, identity = build_teacher(cfg, None, None, str(tmp_path))
+    built = build_teacher(cfg, None, None, str(tmp_path))
+    teacher, identity = built.network, built.identity
     assert torch.equal(teacher.conv1[0].weight, reference.conv1[0].weight)
     assert teacher.get_classifier().out_features == 10  # a new head for the data set's classes
     assert identity["source"] == "timm:default" and len(identity["sha256"]) == 64
 
 
 def test_random_teacher_is_an_explicit_opt_in(tmp_path):
-    _, identity = build_teacher(teacher_cfg(weights="random"), None, None, str(tmp_path))
+    identity = build_teacher(teacher_cfg(weights="random"), None, None, str(tmp_path)).identity
     assert identity["source"] == "random"
 
 
