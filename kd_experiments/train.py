@@ -62,6 +62,8 @@ log = logging.getLogger(__name__)
 
 # In-memory data sets need no loader workers; Lightning's advice to add some is noise here.
 warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+# A continued run writes into its own checkpoints/ again; a new run's folder is always new (resume.py).
+warnings.filterwarnings("ignore", message=".*Checkpoint directory .* exists and is not empty.*")
 warnings.filterwarnings("ignore", message=".*`isinstance\\(treespec, LeafSpec\\)` is deprecated.*")
 
 
