@@ -46,6 +46,7 @@ class RunStart:
     finished: dict | None = None
     previous: dict = field(default_factory=dict)  # the directory's summary.json of an earlier attempt
     continuing: bool = False  # the directory already holds this run's saved config
+    saved: dict | None = None  # the checkpoint's epoch, step and logger run id (checkpoint_info)
 
 
 def start_in(cfg: DictConfig, output_dir: Path, summary_path: Path) -> RunStart:
@@ -72,10 +73,9 @@ def start_in(cfg: DictConfig, output_dir: Path, summary_path: Path) -> RunStart:
                 f"{output_dir} finished all {epochs_done} epochs; to train it longer give a larger "
                 f"{EXTENDABLE} (resume={output_dir} {EXTENDABLE}=N)"
             )
-    checkpoint = output_dir / LAST_CHECKPOINT
-    return RunStart(
-        cfg, checkpoint if checkpoint.exists() else None, previous=previous or {}, continuing=True
-    )
+    checkpoint = output_dir / LAST_CHECKPOINT if (output_dir / LAST_CHECKPOINT).exists() else None
+    saved = checkpoint_info(checkpoint) if checkpoint is not None else None
+    return RunStart(cfg, checkpoint, previous=previous or {}, continuing=True, saved=saved)
 
 
 def _read_summary(path: Path) -> dict | None:

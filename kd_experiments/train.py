@@ -45,7 +45,6 @@ from kd_experiments.resume import (
     Preemption,
     RandomState,
     RunStart,
-    checkpoint_info,
     start_in,
 )
 from kd_experiments.teachers import (
@@ -81,7 +80,7 @@ def train(cfg: DictConfig) -> float | None:
     _save_run_config(cfg, output_dir, continuing=start.continuing)
     summary = _first_summary(cfg, output_dir, start)
     try:
-        summary |= _phases(cfg, output_dir, start.checkpoint, summary.get("paper"))
+        summary |= _phases(cfg, output_dir, start, summary.get("paper"))
         summary["status"] = "completed"
     except Interrupted as error:
         summary |= {"status": "interrupted", "error": str(error)}
@@ -98,7 +97,7 @@ def train(cfg: DictConfig) -> float | None:
     return summary["student_top1_best"]
 
 
-def _phases(cfg: DictConfig, output_dir: Path, checkpoint: Path | None, paper: dict | None) -> dict:
+def _phases(cfg: DictConfig, output_dir: Path, start: RunStart, paper: dict | None) -> dict:
     """The run's phases in order, cheap checks first: a config mistake stops the run in seconds, before a
     teacher is trained or downloaded and before any statistics pass."""
     _check_run_numbers(cfg)
@@ -109,8 +108,8 @@ def _phases(cfg: DictConfig, output_dir: Path, checkpoint: Path | None, paper: d
     teacher, teacher_top1 = teacher_phase(cfg, datamodule, parts)
     module = module_phase(cfg, datamodule, parts, teacher, teacher_top1)
     callbacks = RunCallbacks(cfg, output_dir, protocol)
-    trainer = trainer_phase(cfg, output_dir, checkpoint, callbacks)
-    fit_phase(cfg, trainer, module, datamodule, checkpoint, callbacks.preemption)
+    trainer = trainer_phase(cfg, output_dir, start.saved, callbacks)
+    fit_phase(cfg, trainer, module, datamodule, start.checkpoint, callbacks.preemption)
     return report_phase(cfg, protocol, module, trainer, callbacks, paper)
 
 
@@ -207,9 +206,9 @@ class RunCallbacks:
         return next((c for c in self.all if isinstance(c, ModelCheckpoint) and c.monitor == monitor), None)
 
 
-def trainer_phase(cfg: DictConfig, output_dir: Path, checkpoint: Path | None, callbacks: "RunCallbacks"):
+def trainer_phase(cfg: DictConfig, output_dir: Path, saved: dict | None, callbacks: "RunCallbacks"):
     """The Lightning Trainer with this run's logger (continuing the saved W&B run when resuming)."""
-    run_id = checkpoint_info(checkpoint)["logger_run_id"] if checkpoint is not None else None
+    run_id = saved["logger_run_id"] if saved is not None else None
     names = _logger_names(cfg.logger, output_dir, run_id) if cfg.logger else {}
     logger = build(cfg.logger, "logger", **names) if cfg.logger else False
     callbacks.add_logger_callbacks(bool(logger))
@@ -286,8 +285,8 @@ def _first_summary(cfg: DictConfig, output_dir: Path, start: RunStart) -> dict:
     if cfg.get("paper"):  # a recipe's published number, copied next to this run's result
         summary["paper"] = OmegaConf.to_container(cfg.paper, resolve=True)
     resumes = list(start.previous.get("resumes", []))
-    if start.checkpoint is not None:  # this attempt continues from the end of a saved epoch
-        info = checkpoint_info(start.checkpoint)
+    if start.saved is not None:  # this attempt continues from the end of a saved epoch
+        info = start.saved
         resumes.append({"from_epoch": info["epoch"] + 1, "from_step": info["step"]})
     if resumes:
         summary["resumes"] = resumes
