@@ -9,7 +9,7 @@ from kd_experiments.errors import UserError
 from kd_experiments.sweep import in_multirun, record_failed_job
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+@hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
     from kd_experiments.resume import Interrupted
     from kd_experiments.train import train  # heavy imports after Hydra has parsed --help / --cfg

@@ -11,7 +11,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 REPO = Path(__file__).resolve().parents[1]
-CONF_DIR = str(REPO / "conf")
+CONF_DIR = str(REPO / "kd_experiments" / "conf")
 
 # Small, quiet runs: the defaults with fewer epochs and no experiment logger.
 QUICK = ["trainer.max_epochs=2", "logger=none", "++trainer.enable_model_summary=false"]

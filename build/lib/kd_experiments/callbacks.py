@@ -1,0 +1,137 @@
+"""Small Lightning callbacks and the progress bar the framework uses."""
+
+import time
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import ModelCheckpoint, RichProgressBar
+
+from kd_experiments.errors import UserError
+
+
+def progress_bar() -> pl.Callback:
+    return RichProgressBar(leave=False)
+
+
+def last_epoch_checkpoint(dirpath: Path) -> ModelCheckpoint:
+    """`last.ckpt`, rewritten after every training epoch (after that epoch's validation, if any).
+
+    Lightning's own `save_last` only writes when a top-k checkpoint was saved in the same step, so its
+    last.ckpt stays at the best epoch; an unmonitored top-1 checkpoint under a fixed name is the latest.
+    """
+    return ModelCheckpoint(
+        dirpath=dirpath,
+        filename="last",
+        monitor=None,
+        save_top_k=1,
+        save_on_train_epoch_end=True,
+        enable_version_counter=False,
+    )
+
+
+class ValidateFinalEpoch(pl.Callback):
+    """Validate the last epoch whatever `trainer.check_val_every_n_epoch` says, so that the "last epoch" top-1
+    (summary.json, the result table) is the last epoch's even when validation runs every few epochs only.
+
+    Lightning validates epochs e with (e + 1) % n == 0 and nothing else; a run that ends before max_epochs
+    (max_steps) is not covered.
+    """
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        final = trainer.max_epochs is not None and trainer.current_epoch == trainer.max_epochs - 1
+        if final and trainer.check_val_every_n_epoch not in (None, 1):
+            trainer.check_val_every_n_epoch = 1
+
+
+class NonFiniteWatch:
+    """Remembers, on the device, the first step at which each loss term was NaN or infinite, so the training
+    step needs no host sync; `raise_if_nonfinite` (every few steps and at each epoch's end) stops the run
+    with one line naming the term, its value and that step."""
+
+    def __init__(self, names):
+        self.names = list(names)
+        self.first_step: torch.Tensor | None = None
+        self.first_value: torch.Tensor | None = None
+
+    def update(self, terms: dict, step: int) -> None:
+        values = torch.stack([terms[name].detach().float() for name in self.names])
+        if self.first_step is None or self.first_step.device != values.device:
+            self.first_step = torch.full_like(values, -1, dtype=torch.long)
+            self.first_value = torch.zeros_like(values)
+        first = ~torch.isfinite(values) & (self.first_step < 0)
+        self.first_step = torch.where(first, step, self.first_step)
+        self.first_value = torch.where(first, values, self.first_value)
+
+    def raise_if_nonfinite(self, step: int) -> None:
+        if self.first_step is None:
+            return
+        bad = [
+            (int(s), name, float(v))
+            for name, s, v in zip(self.names, self.first_step, self.first_value, strict=True)
+            if s >= 0
+        ]
+        if bad:
+            first_step, name, value = min(bad)
+            raise UserError(
+                f"loss term {name} became {value} at step {first_step} (stopped at step {step}; the "
+                "checkpoints of earlier epochs are kept): lower optimizer.lr, or check this term's weight"
+            )
+
+
+class TrainThroughput(pl.Callback):
+    """Training images per second, counting batch loading and the optimizer step but not validation.
+
+    Logged per epoch as `train/images_per_s`; `images_per_s` is the whole run's average.
+    """
+
+    def __init__(self):
+        self.images = 0
+        self.seconds = 0.0
+        self._epoch_images = 0
+        self._epoch_seconds = 0.0
+        self._mark = 0.0
+
+    @property
+    def images_per_s(self) -> float | None:
+        return self.images / self.seconds if self.seconds > 0 else None
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self._epoch_images, self._epoch_seconds = 0, 0.0
+        self._mark = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        now = time.perf_counter()
+        images = len(batch[0]) * trainer.world_size
+        self._epoch_images += images
+        self._epoch_seconds += now - self._mark
+        self.images += images
+        self.seconds += now - self._mark
+        self._mark = now
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        self._mark = time.perf_counter()  # validation time is not training time
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if self._epoch_seconds > 0:
+            pl_module.log("train/images_per_s", self._epoch_images / self._epoch_seconds)
+
+    def state_dict(self) -> dict:  # a resumed run's average covers the epochs before the interruption too
+        return {"images": self.images, "seconds": self.seconds}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.images, self.seconds = state_dict["images"], state_dict["seconds"]
+
+
+def top1_on(model: torch.nn.Module, loader, device: torch.device, prepare=None) -> float:
+    """Top-1 (%) of `model` in eval mode over `loader`; `prepare` maps the images first (a teacher's own
+    input normalisation)."""
+    model.eval()
+    correct = total = 0
+    with torch.no_grad():
+        for images, targets in loader:
+            images = images.to(device)
+            logits = model(prepare(images) if prepare is not None else images)
+            correct += (logits.argmax(1).cpu() == targets).sum().item()
+            total += len(targets)
+    return 100.0 * correct / max(total, 1)

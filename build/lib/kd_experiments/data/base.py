@@ -1,0 +1,106 @@
+"""What every data module shares: validated common keys and the loaders."""
+
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from kd_experiments.errors import UserError
+
+
+class ClassificationData(pl.LightningDataModule):
+    """Base data module: subclasses fill `self.train_set` / `self.val_set` in `setup`."""
+
+    name = "data"
+
+    def __init__(
+        self,
+        batch_size: int,
+        num_classes: int,
+        image_size: int,
+        channels: int = 3,
+        num_workers: int = 0,
+        eval_batch_size: int | None = None,
+        name: str | None = None,
+        trains_teacher_by_default: bool = False,
+    ):
+        super().__init__()
+        self.name = name or self.name
+        # Whether a teacher may be trained on the fly when none is given (cheap, embedded data only).
+        self.trains_teacher_by_default = trains_teacher_by_default
+        for key, value in (("batch_size", batch_size), ("image_size", image_size), ("channels", channels)):
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise UserError(
+                    f"dataset.{key} must be a positive integer, got {value!r}; set e.g. dataset.{key}=64"
+                )
+        if num_workers < 0:
+            raise UserError(f"dataset.num_workers must be >= 0, got {num_workers}")
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.num_classes = num_classes
+        self.image_size = image_size
+        self.channels = channels
+        self.num_workers = num_workers
+        self.train_set: Dataset | None = None
+        self.val_set: Dataset | None = None
+        # The (mean, std) per channel that the images are normalised with, where the data module knows it.
+        self.normalization: tuple[tuple[float, ...], tuple[float, ...]] | None = None
+
+    def _loader(
+        self,
+        dataset: Dataset,
+        batch_size: int,
+        shuffle: bool,
+        drop_last: bool = False,
+        sampler: Sampler | None = None,
+    ) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=shuffle if sampler is None else None,
+            sampler=sampler,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            pin_memory=False,
+            drop_last=drop_last,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, self.batch_size, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, self.eval_batch_size, shuffle=False)
+
+    def statistics_dataloader(self) -> DataLoader:
+        """One plain pass over the training split (training transforms, no repeats, no Mixup), for the
+        teacher statistics that some methods precompute (ND's class centres, LSHFM's hash bias)."""
+        return self._loader(self.train_set, self.eval_batch_size, shuffle=False)
+
+
+class Renormalize(nn.Module):
+    """Maps a batch normalised with `data` = (mean, std) to the normalisation `target` expects:
+    x' = (x * std_d + mean_d - mean_t) / std_t, an exact per-channel affine map (also of Mixup/CutMix
+    batches, which are convex combinations of images). It lets a teacher see its own normalisation (a timm
+    augreg ViT's 0.5 / 0.5) while the student keeps the data set's."""
+
+    def __init__(self, data: tuple, target: tuple):
+        super().__init__()
+        (data_mean, data_std), (target_mean, target_std) = (
+            [torch.tensor(values, dtype=torch.float32).view(1, -1, 1, 1) for values in pair]
+            for pair in (data, target)
+        )
+        self.register_buffer("scale", data_std / target_std, persistent=False)
+        self.register_buffer("shift", (data_mean - target_mean) / target_std, persistent=False)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return images * self.scale + self.shift
+
+
+def require_path(path: str | Path, what: str, how_to_get: str) -> Path:
+    """Return `path` if it exists; otherwise stop with one line naming it and how to get the data."""
+    resolved = Path(path).expanduser()
+    if not resolved.exists():
+        raise UserError(f"{what} not found at {resolved}; {how_to_get}")
+    return resolved
