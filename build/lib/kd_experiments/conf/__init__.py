@@ -1,1 +1,0 @@
-"""The Hydra configs, shipped inside the package (an installed wheel finds them as `kd_experiments.conf`)."""
