@@ -378,6 +378,8 @@ def test_every_paper_recipe_names_its_number_source_and_protocol(name):
 # ---------------------------------------------------------------- ablations
 
 SWEEPS = {
+    "ablation_kd_temperature_digits": {"method.objectives.kd.temperature": ["1.0", "2.0", "4.0", "8.0"]},
+    "ablation_kd_weight_digits": {"method.weights.kd": ["0.0", "0.45", "0.9", "1.8"]},
     "ablation_kd_temperature": {"method.objectives.kd.temperature": ["1.0", "2.0", "4.0", "8.0"]},
     "ablation_nd_weight": {"method.weights.nd": ["0.0", "0.5", "1.0", "2.0", "4.0", "8.0"]},
     "ablation_srd_distance": {
@@ -390,6 +392,8 @@ SWEEPS = {
     },
 }
 BASES = {
+    "ablation_kd_temperature_digits": "digits_kd",
+    "ablation_kd_weight_digits": "digits_kd",
     "ablation_kd_temperature": "kd_cifar100_resnet32x4_resnet8x4",
     "ablation_nd_weight": "nd-kd++_cifar100_resnet32x4_resnet8x4",
     "ablation_srd_distance": "srd_imagenet_resnet34_resnet18",
