@@ -4,6 +4,7 @@ import csv
 import logging
 import netrc
 import os
+import sys
 from pathlib import Path
 
 from pytorch_lightning.loggers import CSVLogger, Logger, WandbLogger
@@ -86,10 +87,13 @@ def wandb_logger(
     tags: list[str] | None = None,
     mode: str | None = None,
     run_id: str | None = None,
+    job_type: str | None = None,
+    quiet: bool = True,
 ) -> Logger:
     """Build the W&B logger. Mode: `mode` if set, else WANDB_MODE if set, else online with credentials and
-    offline without. `run_id` continues that W&B run (a resumed run). If W&B cannot start at all, fall back
-    to CSV logs in the run directory."""
+    offline without. `run_id` continues that W&B run (a resumed run). `quiet`: W&B's console output without
+    its end-of-run history and summary blocks (warnings and errors still show). If W&B cannot start at all,
+    fall back to CSV logs in the run directory."""
     if mode is None and not os.environ.get("WANDB_MODE"):
         mode = "online" if has_wandb_credentials() else "offline"
         if mode == "offline":
@@ -98,6 +102,8 @@ def wandb_logger(
             )
     Path(save_dir).mkdir(parents=True, exist_ok=True)
     try:
+        import wandb
+
         logger = ForgivingWandbLogger(
             save_dir=save_dir,
             project=project,
@@ -105,9 +111,14 @@ def wandb_logger(
             group=group,
             entity=entity,
             tags=list(tags or []),
+            job_type=job_type,
+            settings=wandb.Settings(quiet=bool(quiet)),
             **({"mode": mode} if mode else {}),
             **({"id": run_id, "resume": "allow"} if run_id else {}),
         )
+        init_args = getattr(logger, "_wandb_init", {})
+        if "anonymous" in init_args and init_args["anonymous"] is None:  # W&B warns of it, even of None
+            del init_args["anonymous"]
         _ = logger.experiment  # start the run now, so a failure here falls back instead of failing later
         return logger
     except Exception as error:
@@ -117,11 +128,27 @@ def wandb_logger(
         return ResumableCSVLogger(save_dir=save_dir, name="csv", version="")
 
 
-def finish_logger(logger) -> None:
-    """End the W&B run of this job: Lightning leaves it open, and the next job of a multirun (same
-    process) would otherwise log into it."""
-    if isinstance(logger, WandbLogger) and logger._experiment is not None:
-        try:
-            logger._experiment.finish()
-        except Exception as error:
-            log.warning(f"W&B could not finish the run cleanly ({type(error).__name__}: {error})")
+def finish_logger(logger, summary: dict | None = None, exit_code: int = 0) -> None:
+    """End the W&B run of this job: write the run's final numbers (`summary`: its scalar values) into the
+    run summary, finish the run (a non-zero `exit_code` marks it failed) and, for an offline run, print the
+    `wandb sync` command that uploads it. Lightning leaves the run open, and the next job of a multirun
+    (same process) would otherwise log into it. A W&B failure here warns and never fails the run."""
+    if not isinstance(logger, WandbLogger) or logger._experiment is None:
+        return
+    run = logger._experiment
+    values = {k: v for k, v in (summary or {}).items() if isinstance(v, (bool, int, float, str))}
+    try:
+        if values:
+            run.summary.update(values)
+    except Exception as error:
+        log.warning(f"W&B could not record the run's final numbers ({type(error).__name__}: {error})")
+    try:
+        offline_dir = Path(run.sync_dir) if run.offline else None
+    except Exception:
+        offline_dir = None
+    try:
+        run.finish(exit_code=exit_code)
+    except Exception as error:
+        log.warning(f"W&B could not finish the run cleanly ({type(error).__name__}: {error})")
+    if offline_dir is not None and offline_dir.is_dir():
+        print(f"W&B logged offline; upload with: wandb sync {offline_dir}", file=sys.stderr)
