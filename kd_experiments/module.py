@@ -11,7 +11,7 @@ from pytorch_lightning.utilities import GradClipAlgorithmType
 from timm.optim import create_optimizer_v2
 from timm.scheduler.scheduler import Scheduler as TimmScheduler
 from torch import nn
-from torchmetrics import MeanMetric
+from torchmetrics import MeanMetric, SumMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from kd_experiments.callbacks import NonFiniteWatch
@@ -76,6 +76,9 @@ class DistillationModule(pl.LightningModule):
         self.val_top1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
         self.val_top5 = MulticlassAccuracy(num_classes, top_k=min(5, num_classes), average="micro")
         self.teacher_val_top1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
+        # Images scored by a validation, summed over DDP ranks: the whole split, each image once.
+        self.val_image_count = SumMetric()
+        self.val_images: int | None = None  # of the last validation (not the sanity check)
         self.teacher_top1: float | None = None  # measured once, at the first real validation
         self.validation_history: list[dict] = []
         self._measuring_teacher = False
@@ -124,6 +127,12 @@ class DistillationModule(pl.LightningModule):
     def on_train_epoch_end(self) -> None:
         self.nonfinite_watch.raise_if_nonfinite(self.global_step)
 
+    def on_fit_start(self) -> None:
+        """Every rank takes global rank zero's teacher top-1: only rank zero runs the reference check, and
+        all ranks must agree whether the first validation measures the teacher (its metric's sync is a
+        collective that would hang with one rank missing)."""
+        self.teacher_top1 = self.trainer.strategy.broadcast(self.teacher_top1, src=0)
+
     def on_validation_epoch_start(self) -> None:
         self._measuring_teacher = (
             self.teacher is not None and self.teacher_top1 is None and not self.trainer.sanity_checking
@@ -134,23 +143,30 @@ class DistillationModule(pl.LightningModule):
         logits = self.student(images)
         self.val_top1.update(logits, targets)
         self.val_top5.update(logits, targets)
+        self.val_image_count.update(targets.shape[0])
         if self._measuring_teacher:
             self.teacher_val_top1.update(self.teacher(self.teacher_input(images)), targets)
 
     def on_validation_epoch_end(self) -> None:
         top1 = self.val_top1.compute().item() * 100
         top5 = self.val_top5.compute().item() * 100
+        images = int(self.val_image_count.compute().item())
         self.val_top1.reset()
         self.val_top5.reset()
-        self.log("val/student_top1", top1, prog_bar=True)
-        self.log("val/student_top5", top5)
+        self.val_image_count.reset()
+        # The numbers are the same on every rank (torchmetrics' compute() reduced them): sync_dist tells
+        # Lightning so under DDP, and reduce_fx max passes a number shared by all ranks through unchanged.
+        synced = {"sync_dist": True, "reduce_fx": "max"}
+        self.log("val/student_top1", top1, prog_bar=True, **synced)
+        self.log("val/student_top5", top5, **synced)
         if self._measuring_teacher:
             self.teacher_top1 = self.teacher_val_top1.compute().item() * 100
             self.teacher_val_top1.reset()
             self._measuring_teacher = False
         if self.teacher_top1 is not None:
-            self.log("val/teacher_top1", self.teacher_top1)
+            self.log("val/teacher_top1", self.teacher_top1, **synced)
         if not self.trainer.sanity_checking:
+            self.val_images = images
             self.validation_history.append({"epoch": self.current_epoch, "top1": top1, "top5": top5})
 
     def no_weight_decay(self) -> set[str]:
@@ -269,6 +285,7 @@ class DistillationModule(pl.LightningModule):
         # top-1), the teacher's measured top-1, and the logger's run id (W&B continues the same run).
         checkpoint["validation_history"] = list(self.validation_history)
         checkpoint["teacher_top1"] = self.teacher_top1
+        checkpoint["val_images"] = self.val_images
         logger = self.trainer.logger if self._trainer is not None else None
         checkpoint["logger_run_id"] = str(logger.version) if logger is not None else None
 
@@ -276,3 +293,4 @@ class DistillationModule(pl.LightningModule):
         self.validation_history = list(checkpoint.get("validation_history", []))
         if checkpoint.get("teacher_top1") is not None:
             self.teacher_top1 = checkpoint["teacher_top1"]
+        self.val_images = checkpoint.get("val_images", self.val_images)

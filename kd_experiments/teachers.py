@@ -25,6 +25,7 @@ from torch import nn
 
 from kd_experiments.callbacks import top1_on
 from kd_experiments.data.base import ClassificationData, Renormalize
+from kd_experiments.distributed import local_device
 from kd_experiments.errors import UserError
 from kd_experiments.files import atomic_torch_save, atomic_write_text
 from kd_experiments.models import create_model
@@ -33,7 +34,7 @@ log = logging.getLogger(__name__)
 
 CACHE_FORMAT = 1  # bump when the cached file layout or the training code changes meaning
 # Keys of the data config that do not change what a teacher learns.
-DATA_KEYS_IGNORED_BY_CACHE = {"num_workers", "eval_batch_size", "download", "how_to_get"}
+DATA_KEYS_IGNORED_BY_CACHE = {"num_workers", "eval_batch_size", "download", "how_to_get", "pin_memory"}
 CACHE_WAIT_ENV = "KD_CACHE_WAIT_S"  # how long a rank > 0 waits for rank zero's cache files
 CACHE_WAIT_DEFAULT_S = 24 * 3600  # rank zero may be training a teacher, which can take hours
 CACHE_POLL_S = 2.0
@@ -518,13 +519,15 @@ def _statistics_batches(datamodule: ClassificationData, teacher_input: nn.Module
 def check_teacher_reference(teacher: Teacher, teacher_cfg: DictConfig, datamodule: ClassificationData):
     """Score the teacher on the validation split before distilling when its published top-1 is known
     (`teacher.reference_top1`); warn loudly when it is more than `reference_tolerance` points below.
-    Returns the measured top-1 (%), or None when there is no reference."""
+    Returns the measured top-1 (%), or None when there is no reference. Under DDP only global rank zero
+    scores it, once, on its own device (`cuda:<LOCAL_RANK>`), and the other ranks return None: the module
+    broadcasts rank zero's number when training starts (`DistillationModule.on_fit_start`)."""
     reference = teacher_cfg.get("reference_top1")
-    if reference is None:
+    if reference is None or not _is_rank_zero():
         return None
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = local_device()
     prepare = teacher.input.to(device) if teacher.input is not None else None  # its own normalisation
-    top1 = top1_on(teacher.network.to(device), datamodule.val_dataloader(), device, prepare)
+    top1 = top1_on(teacher.network.to(device), datamodule.whole_val_dataloader(), device, prepare)
     teacher.network.cpu()
     tolerance = teacher_cfg.get("reference_tolerance", 2.0)
     if top1 < reference - tolerance:

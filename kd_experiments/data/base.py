@@ -1,13 +1,18 @@
 """What every data module shares: validated common keys and the loaders."""
 
+import logging
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
+from filelock import FileLock, Timeout
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from kd_experiments.errors import UserError
+
+log = logging.getLogger(__name__)
 
 
 class ClassificationData(pl.LightningDataModule):
@@ -25,6 +30,7 @@ class ClassificationData(pl.LightningDataModule):
         eval_batch_size: int | None = None,
         name: str | None = None,
         trains_teacher_by_default: bool = False,
+        pin_memory: bool = False,
     ):
         super().__init__()
         self.name = name or self.name
@@ -43,6 +49,7 @@ class ClassificationData(pl.LightningDataModule):
         self.image_size = image_size
         self.channels = channels
         self.num_workers = num_workers
+        self.pin_memory = bool(pin_memory)  # page-locked batches: faster host-to-GPU copies
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
         # The (mean, std) per channel that the images are normalised with, where the data module knows it.
@@ -63,7 +70,7 @@ class ClassificationData(pl.LightningDataModule):
             sampler=sampler,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
-            pin_memory=False,
+            pin_memory=self.pin_memory,
             drop_last=drop_last,
         )
 
@@ -71,12 +78,72 @@ class ClassificationData(pl.LightningDataModule):
         return self._loader(self.train_set, self.batch_size, shuffle=True)
 
     def val_dataloader(self) -> DataLoader:
+        """The validation split; under DDP (a trainer with several processes attached) this rank's shard,
+        without padding, so that the ranks together score every image exactly once."""
+        trainer = self.trainer
+        if trainer is None or trainer.world_size <= 1:
+            return self.whole_val_dataloader()
+        sampler = ShardedEvalSampler(self.val_set, trainer.world_size, trainer.global_rank)
+        return self._loader(self.val_set, self.eval_batch_size, shuffle=False, sampler=sampler)
+
+    def whole_val_dataloader(self) -> DataLoader:
+        """Every validation image, in order, whatever the process: what one process scores on its own (the
+        teacher's reference check, the EMA / averaged student on rank 0)."""
         return self._loader(self.val_set, self.eval_batch_size, shuffle=False)
 
     def statistics_dataloader(self) -> DataLoader:
         """One plain pass over the training split (training transforms, no repeats, no Mixup), for the
         teacher statistics that some methods precompute (ND's class centres, LSHFM's hash bias)."""
         return self._loader(self.train_set, self.eval_batch_size, shuffle=False)
+
+
+class ShardedEvalSampler(DistributedSampler):
+    """Rank `rank`'s share of an evaluation set: indices rank, rank + world_size, ... with no padding, so
+    shards differ by at most one image (10 images on 3 ranks: 4, 3, 3) and every image is scored once.
+    torch's `DistributedSampler` pads the shards to equal length with repeated images, which counts some
+    twice. It is a `DistributedSampler`, so Lightning keeps it instead of wrapping the loader in its own.
+    Uneven shards are safe for validation: no collective runs per batch (no gradients, so DDP does not
+    synchronise), and torchmetrics sums the metric states of all ranks."""
+
+    def __init__(self, dataset: Dataset, num_replicas: int, rank: int):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False, drop_last=False)
+        self.total_size = len(dataset)
+        self.num_samples = len(range(rank, self.total_size, num_replicas))
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.rank, self.total_size, self.num_replicas))
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+
+def fetch_once(
+    is_complete: Callable[[], bool], fetch: Callable[[], None], lock_path: Path, what: str
+) -> None:
+    """Run `fetch()` (a download) unless `is_complete()`, by one process at a time: processes started together
+    (the ranks of torchrun / srun, which all prepare the data; two runs sharing a data root) queue on a file
+    lock beside the data; the first one downloads, the others then find the data complete and return. A
+    complete data set needs no lock (a read-only data root then works)."""
+    if is_complete():
+        return
+    try:
+        lock_path.parent.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(str(lock_path))
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            log.info(f"Waiting for another process that is downloading {what} ({lock_path})")
+            lock.acquire()
+    except OSError as error:
+        raise UserError(
+            f"cannot download {what}: {lock_path.parent} is not writable ({error.strerror}); point the data "
+            "set's root at a writable directory"
+        ) from None
+    try:
+        if not is_complete():
+            fetch()
+    finally:
+        lock.release()
 
 
 class Renormalize(nn.Module):

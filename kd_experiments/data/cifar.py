@@ -5,9 +5,10 @@ from pathlib import Path
 
 import numpy as np
 from torchvision import datasets, transforms
+from torchvision.datasets.utils import download_and_extract_archive
 from torchvision.datasets.vision import VisionDataset
 
-from kd_experiments.data.base import ClassificationData
+from kd_experiments.data.base import ClassificationData, fetch_once
 from kd_experiments.errors import UserError
 
 # Per-channel statistics used by the CRD/mdistiller lineage (CIFAR-100) and the usual CIFAR-10 ones.
@@ -92,7 +93,8 @@ class CIFARData(ClassificationData):
 
     Training: random crop 32 with 4-pixel zero padding, horizontal flip, per-channel normalisation (the
     CRD/mdistiller recipe); validation = the test split, normalised only. `download=true` fetches the data
-    on first use (torchvision, md5-checked).
+    on first use (torchvision's archive, md5-checked) in `prepare_data`, one process at a time: ranks started
+    together wait on a lock in `root` while the first downloads (`fetch_once`); `setup` only reads.
     """
 
     def __init__(
@@ -142,6 +144,28 @@ class CIFARData(ClassificationData):
     def eval_transform(self):
         return transforms.Compose([transforms.ToTensor(), self.normalize])
 
+    def is_complete(self) -> bool:
+        """Every batch file and the meta file of the variant are under `root` (what the loader reads)."""
+        base = TORCHVISION_CLASSES[self.variant]
+        folder = self.root / base.base_folder
+        names = [name for name, _ in base.train_list + base.test_list] + [base.meta["filename"]]
+        return all((folder / name).is_file() for name in names)
+
+    def prepare_data(self) -> None:
+        """With `download=true`, fetch and extract torchvision's archive into `root` unless the data is there;
+        processes sharing `root` download it once (a file lock beside it)."""
+        if not self.download:
+            return
+        base = TORCHVISION_CLASSES[self.variant]
+        fetch_once(
+            self.is_complete,
+            lambda: download_and_extract_archive(
+                base.url, str(self.root), filename=base.filename, md5=base.tgz_md5
+            ),
+            self.root / f".{base.base_folder}.download.lock",
+            f"{self.variant} into {self.root}",
+        )
+
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
             return
@@ -153,8 +177,9 @@ class CIFARData(ClassificationData):
                 f"torchvision's {dataset_class.base_folder}/ folder under dataset.root={self.root})"
             )
         try:
+            # Read only: the download is prepare_data's (called before setup, one process at a time).
             self.train_set = dataset_class(
-                self.root, train=True, download=self.download, transform=self.train_transform()
+                self.root, train=True, download=False, transform=self.train_transform()
             )
             self.val_set = dataset_class(
                 self.root, train=False, download=False, transform=self.eval_transform()
