@@ -1,5 +1,6 @@
 """Small Lightning callbacks and the progress bar the framework uses."""
 
+import logging
 import time
 from pathlib import Path
 
@@ -8,6 +9,8 @@ import torch
 from pytorch_lightning.callbacks import ModelCheckpoint, RichProgressBar
 
 from kd_experiments.errors import UserError
+
+log = logging.getLogger(__name__)
 
 
 def progress_bar() -> pl.Callback:
@@ -96,6 +99,10 @@ class TrainThroughput(pl.Callback):
     def images_per_s(self) -> float | None:
         return self.images / self.seconds if self.seconds > 0 else None
 
+    @property
+    def epoch_images_per_s(self) -> float | None:
+        return self._epoch_images / self._epoch_seconds if self._epoch_seconds > 0 else None
+
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         self._epoch_images, self._epoch_seconds = 0, 0.0
         self._mark = time.perf_counter()
@@ -113,14 +120,71 @@ class TrainThroughput(pl.Callback):
         self._mark = time.perf_counter()  # validation time is not training time
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
-        if self._epoch_seconds > 0:
-            pl_module.log("train/images_per_s", self._epoch_images / self._epoch_seconds)
+        if self._epoch_seconds > 0:  # each rank's own timing: under DDP the ranks' mean (sync_dist)
+            pl_module.log("train/images_per_s", self._epoch_images / self._epoch_seconds, sync_dist=True)
 
     def state_dict(self) -> dict:  # a resumed run's average covers the epochs before the interruption too
         return {"images": self.images, "seconds": self.seconds}
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.images, self.seconds = state_dict["images"], state_dict["seconds"]
+
+
+class EpochRecord(pl.Callback):
+    """Each training epoch's record for summary.json's `history` (so curves never depend on a logger being
+    on): the mean of every loss term and of the loss, the learning rate of the epoch's last step, and
+    images/s; the epoch's validation top-1/top-5 are merged in from the module's validation history. Also
+    one log line per epoch, which is what a SLURM log or a console without a progress bar shows.
+
+    Runs after `throughput` (its place in the callback list), so that callback's epoch rate is final.
+    """
+
+    def __init__(self, throughput: TrainThroughput):
+        self.throughput = throughput
+        self.records: list[dict] = []
+        self._lr: float | None = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        # The rate this step uses: by a batch's or epoch's end Lightning has already stepped the scheduler.
+        self._lr = trainer.optimizers[0].param_groups[0]["lr"] if trainer.optimizers else None
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        # compute() syncs across DDP ranks; Lightning's own epoch logging reuses the computed value.
+        means = {name: metric.compute().item() for name, metric in pl_module.train_means.items()}
+        rate = self.throughput.epoch_images_per_s
+        record = {"epoch": trainer.current_epoch, "lr": self._lr, "train": means}
+        record["images_per_s"] = round(rate, 1) if rate else None
+        self.records.append(record)
+        if trainer.is_global_zero and not trainer.sanity_checking:
+            log.info(self._line(trainer, pl_module, record))
+
+    @staticmethod
+    def _line(trainer, pl_module, record: dict) -> str:
+        validated = [h for h in pl_module.validation_history if h["epoch"] == record["epoch"]]
+        top1 = f"{validated[-1]['top1']:.2f}%" if validated else "-"
+        lr = "-" if record["lr"] is None else f"{record['lr']:.4g}"
+        loss = record["train"]["loss"]
+        return (
+            f"epoch {record['epoch'] + 1}/{trainer.max_epochs}: loss {loss:.4f}, val top-1 {top1}, lr {lr}, "
+            f"{record['images_per_s'] or '-'} images/s"
+        )
+
+    def state_dict(self) -> dict:  # a resumed run's history keeps the epochs before the interruption
+        return {"records": list(self.records)}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.records = list(state_dict.get("records", []))
+
+
+def epoch_history(records: list[dict], validation_history: list[dict]) -> list[dict]:
+    """summary.json's `history`: per trained epoch, its record with that epoch's top-1/top-5 (when validated);
+    of an epoch recorded twice (an interrupted epoch that a resumed run trained again) the later counts."""
+    by_epoch = {record["epoch"]: dict(record) for record in records}
+    for entry in validation_history:
+        by_epoch.setdefault(entry["epoch"], {"epoch": entry["epoch"]}).update(
+            top1=entry["top1"], top5=entry["top5"]
+        )
+    return [by_epoch[epoch] for epoch in sorted(by_epoch)]
 
 
 def top1_on(model: torch.nn.Module, loader, device: torch.device, prepare=None) -> float:

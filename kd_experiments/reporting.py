@@ -13,6 +13,7 @@ from timm.utils import ModelEmaV3
 from torch.optim.swa_utils import AveragedModel
 
 from kd_experiments.callbacks import top1_on
+from kd_experiments.distributed import on_global_zero
 from kd_experiments.errors import UserError
 from kd_experiments.files import atomic_torch_save
 
@@ -43,8 +44,10 @@ class ReportProtocol:
             self.ema = StudentEMA(self.ema_decay, output_dir)
         return [c for c in (self.averaging, self.ema) if c is not None]
 
-    def summary_fields(self, history: list[dict], paper: dict | None) -> dict:
-        """The student's numbers from the validated epochs (`history`) and the averaged / EMA students."""
+    def summary_fields(self, history: list[dict], paper: dict | None, dataset: str | None = None) -> dict:
+        """The student's numbers from the validated epochs (`history`) and the averaged / EMA students; the
+        gap to a recipe's published number only when the run uses the data set that number was measured on
+        (`paper.dataset`), not when the recipe runs on fake or digits data for a test."""
         last = history[-1] if history else {}
         best_top1 = max(h["top1"] for h in history) if history else None
         averaging, ema = self.averaging, self.ema
@@ -65,9 +68,14 @@ class ReportProtocol:
             "ema_decay": self.ema_decay,
         }
         paper_top1 = (paper or {}).get("top1")
-        if paper_top1 is not None and reported is not None:
+        if paper_applies(paper, dataset) and paper_top1 is not None and reported is not None:
             fields["gap_to_paper"] = round(reported - paper_top1, 2)
         return fields
+
+
+def paper_applies(paper: dict | None, dataset: str | None) -> bool:
+    """A recipe's published number is this run's yardstick only on the data set it was measured on."""
+    return bool(paper) and paper.get("dataset") in (None, dataset)
 
 
 def print_result_table(summary: dict) -> None:
@@ -110,10 +118,16 @@ def _result_rows(summary: dict) -> list[tuple[str, float | None]]:
     paper = summary.get("paper") or {}
     if paper.get("top1") is not None:
         gap = summary.get("gap_to_paper")
-        label = (
-            f"paper ({paper.get('source', 'published')}); this run's {summary.get('report')} is "
-            f"{'-' if gap is None else f'{gap:+.2f}'} points from it"
-        )
+        source = f"paper ({paper.get('source', 'published')})"
+        if not paper_applies(paper, summary.get("dataset")):
+            label = (
+                f"{source}, on {paper['dataset']}: not comparable with this run on {summary.get('dataset')}"
+            )
+        else:
+            label = (
+                f"{source}; this run's {summary.get('report')} is "
+                f"{'-' if gap is None else f'{gap:+.2f}'} points from it"
+            )
         rows.append((label, paper["top1"]))
     return rows
 
@@ -171,7 +185,9 @@ class WeightAveraging(pl.Callback):
         if self.averaged is None:
             return
         model = self.averaged.module
-        self.top1 = top1_on(model, trainer.datamodule.val_dataloader(), pl_module.device)
+        # Once, on rank zero's device over the whole split; every rank gets the number (broadcast).
+        loader = trainer.datamodule.whole_val_dataloader
+        self.top1 = on_global_zero(trainer, lambda: top1_on(model, loader(), pl_module.device))
         if trainer.is_global_zero:
             self.output_path.parent.mkdir(parents=True, exist_ok=True)
             atomic_torch_save(model.state_dict(), self.output_path)
@@ -209,7 +225,9 @@ class StudentEMA(pl.Callback):
             self.ema.update(pl_module.student, step=trainer.global_step)
 
     def on_train_end(self, trainer, pl_module) -> None:
-        self.top1 = top1_on(self.ema.module, trainer.datamodule.val_dataloader(), pl_module.device)
+        # Once, on rank zero's device over the whole split; every rank gets the number (broadcast).
+        loader = trainer.datamodule.whole_val_dataloader
+        self.top1 = on_global_zero(trainer, lambda: top1_on(self.ema.module, loader(), pl_module.device))
         if trainer.is_global_zero:
             self.output_path.parent.mkdir(parents=True, exist_ok=True)
             atomic_torch_save(self.ema.module.state_dict(), self.output_path)

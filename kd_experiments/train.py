@@ -29,8 +29,16 @@ from kd_experiments.assembly import (
     setup_method,
     train_teacher_with_ce,
 )
-from kd_experiments.callbacks import TrainThroughput, ValidateFinalEpoch, last_epoch_checkpoint, progress_bar
+from kd_experiments.callbacks import (
+    EpochRecord,
+    TrainThroughput,
+    ValidateFinalEpoch,
+    epoch_history,
+    last_epoch_checkpoint,
+    progress_bar,
+)
 from kd_experiments.data.base import ClassificationData
+from kd_experiments.distributed import end_previous_job  # importing it fixes Lightning's DDP child command
 from kd_experiments.errors import UserError
 from kd_experiments.files import atomic_write_json, atomic_write_text, require_writable
 from kd_experiments.loggers import finish_logger
@@ -47,6 +55,7 @@ from kd_experiments.resume import (
     RunStart,
     start_in,
 )
+from kd_experiments.sweep import objective_value
 from kd_experiments.teachers import (
     Teacher,
     build_teacher,
@@ -74,7 +83,7 @@ def train(cfg: DictConfig) -> float | None:
     summary_path = output_dir / "summary.json"
     start = start_in(cfg, output_dir, summary_path)  # refusals come here, before any file is written
     if start.finished is not None:
-        return _already_finished(start.finished)
+        return _already_finished(start.finished, cfg)
     cfg = start.cfg
     require_writable(output_dir, "hydra.run.dir")
     _save_run_config(cfg, output_dir, continuing=start.continuing)
@@ -94,7 +103,7 @@ def train(cfg: DictConfig) -> float | None:
             atomic_write_json(summary, summary_path)
     if rank_zero_only.rank == 0:
         print_result_table(summary)
-    return summary["student_top1_best"]
+    return objective_value(summary, cfg)  # summary[cfg.optimized_metric], what a sweeper optimises
 
 
 def _phases(cfg: DictConfig, output_dir: Path, start: RunStart, paper: dict | None) -> dict:
@@ -109,14 +118,28 @@ def _phases(cfg: DictConfig, output_dir: Path, start: RunStart, paper: dict | No
     module = module_phase(cfg, datamodule, parts, teacher, teacher_top1)
     callbacks = RunCallbacks(cfg, output_dir, protocol)
     trainer = trainer_phase(cfg, output_dir, start.saved, callbacks)
-    fit_phase(cfg, trainer, module, datamodule, start.checkpoint, callbacks.preemption)
-    return report_phase(cfg, protocol, module, trainer, callbacks, paper)
+    try:
+        fit_phase(cfg, trainer, module, datamodule, start.checkpoint, callbacks.preemption)
+        fields = report_phase(cfg, protocol, module, trainer, callbacks, paper)
+    except BaseException as error:  # the W&B run ends failed; interrupted, with the process's exit code
+        interrupted = isinstance(error, Interrupted)
+        error_text = f"{type(error).__name__}: {error}"
+        end = {"status": "interrupted" if interrupted else "failed", "error": error_text}
+        finish_logger(trainer.logger, end, exit_code=128 + error.signum if interrupted else 1)
+        raise
+    # The W&B run ends after the report: its summary gets the final numbers summary.json gets.
+    finish_logger(trainer.logger, {"status": "completed", "paper_top1": (paper or {}).get("top1")} | fields)
+    return fields
 
 
 def data_phase(cfg: DictConfig) -> ClassificationData:
-    """Seed the run, then build the data and check its class count against both networks' configs."""
+    """Seed the run, then build the data and check its class count against both networks' configs. The
+    data is prepared (downloaded) here, before any Trainer exists, on every rank that runs this: a data module
+    downloads one process at a time (CIFARData: a file lock in its root), so ranks started together do not."""
+    end_previous_job()  # a sweep's earlier job in this process may have left a DDP process group
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule: ClassificationData = build(cfg.dataset, "dataset")
+    datamodule.prepare_data()
     datamodule.setup("fit")
     check_class_counts(cfg, datamodule)
     return datamodule
@@ -165,7 +188,7 @@ def teacher_phase(
         teacher = build_teacher(
             cfg.teacher, cfg.dataset, datamodule, cache_dir, parts.teacher_network, train_teacher_with_ce
         )
-        reference_top1 = check_teacher_reference(teacher, cfg.teacher, datamodule)
+        reference_top1 = check_teacher_reference(teacher, cfg.teacher, datamodule)  # global rank 0 only
         prepare_teacher_statistics(parts.method, teacher, cfg.dataset, datamodule, cache_dir)
     return teacher, reference_top1
 
@@ -183,7 +206,9 @@ def module_phase(cfg, datamodule, parts: RunParts, teacher: Teacher, teacher_top
         teacher=teacher,
         clip_scaled_gradients=bool(cfg.get("clip_scaled_gradients", False)),
     )
-    module.teacher_top1 = teacher_top1  # measured already (reference check): the first validation reuses it
+    # Measured already (the reference check, on global rank 0; the module broadcasts it when fit starts): the
+    # first validation reuses it.
+    module.teacher_top1 = teacher_top1
     return module
 
 
@@ -192,8 +217,9 @@ class RunCallbacks:
 
     def __init__(self, cfg: DictConfig, output_dir: Path, protocol: ReportProtocol):
         self.throughput = TrainThroughput()
+        self.epochs = EpochRecord(self.throughput)
         self.preemption = Preemption(output_dir)
-        self.all = [self.throughput, ValidateFinalEpoch(), RandomState(), self.preemption]
+        self.all = [self.throughput, self.epochs, ValidateFinalEpoch(), RandomState(), self.preemption]
         self.all += _standard_callbacks(cfg, output_dir) + protocol.callbacks(output_dir)
         for name, node in (cfg.get("callbacks") or {}).items():  # the user's own, by name
             self.all.append(build(node, f"callbacks.{name}"))
@@ -209,16 +235,21 @@ class RunCallbacks:
 def trainer_phase(cfg: DictConfig, output_dir: Path, saved: dict | None, callbacks: "RunCallbacks"):
     """The Lightning Trainer with this run's logger (continuing the saved W&B run when resuming)."""
     run_id = saved["logger_run_id"] if saved is not None else None
-    names = _logger_names(cfg.logger, output_dir, run_id) if cfg.logger else {}
+    names = _logger_names(cfg, output_dir, run_id) if cfg.logger else {}
     logger = build(cfg.logger, "logger", **names) if cfg.logger else False
     callbacks.add_logger_callbacks(bool(logger))
-    return build(
-        cfg.trainer, "trainer", callbacks=callbacks.all, logger=logger, plugins=[AtomicCheckpointIO()]
-    )
+    try:
+        return build(
+            cfg.trainer, "trainer", callbacks=callbacks.all, logger=logger, plugins=[AtomicCheckpointIO()]
+        )
+    except BaseException as error:  # the W&B run started already: end it, failed
+        finish_logger(logger, {"status": "failed", "error": f"{type(error).__name__}: {error}"}, exit_code=1)
+        raise
 
 
 def fit_phase(cfg, trainer: pl.Trainer, module, datamodule, checkpoint, preemption: Preemption) -> None:
-    """`trainer.fit`, from `checkpoint` when continuing; a SIGTERM / SIGUSR1 becomes `Interrupted`."""
+    """`trainer.fit`, from `checkpoint` when continuing; a SIGTERM / SIGUSR1 becomes `Interrupted`. The
+    logger's run stays open for the report (`_phases` finishes it)."""
     logger = trainer.logger
     try:
         if logger:
@@ -234,8 +265,6 @@ def fit_phase(cfg, trainer: pl.Trainer, module, datamodule, checkpoint, preempti
             f"{trainer.global_step}; {saved}continue from the start of that epoch with: python -m "
             f"kd_experiments resume={cfg.paths.output_dir}",
         ) from None
-    finally:
-        finish_logger(logger)
 
 
 def report_phase(cfg, protocol: ReportProtocol, module, trainer, callbacks: RunCallbacks, paper) -> dict:
@@ -244,7 +273,7 @@ def report_phase(cfg, protocol: ReportProtocol, module, trainer, callbacks: RunC
     identity = module.teacher_identity
     throughput = callbacks.throughput.images_per_s
     last_checkpoint, best_checkpoint = (callbacks.checkpoint(m) for m in (None, "val/student_top1"))
-    return protocol.summary_fields(module.validation_history, paper) | {
+    return protocol.summary_fields(module.validation_history, paper, cfg.dataset.name) | {
         "two_head_inference": has_distill_head(student),
         # The networks as built (a ViT fitted to small images says so); `*_arch` is the configured name.
         "student": built_name(cfg.student.arch, student),
@@ -252,6 +281,8 @@ def report_phase(cfg, protocol: ReportProtocol, module, trainer, callbacks: RunC
         "student_arch": cfg.student.arch,
         "teacher_arch": cfg.teacher.arch,
         "teacher_top1": module.teacher_top1,
+        "val_images": module.val_images,  # scored by the last validation, all ranks together: each image once
+        "world_size": trainer.world_size,  # processes that trained (DDP ranks)
         "teacher_reference_top1": cfg.teacher.get("reference_top1"),
         "teacher_source": identity.get("source"),
         "teacher_sha256": identity.get("sha256"),  # of the weights' content
@@ -261,6 +292,7 @@ def report_phase(cfg, protocol: ReportProtocol, module, trainer, callbacks: RunC
         "train_images_per_s": round(throughput, 1) if throughput else None,
         "best_checkpoint": (best_checkpoint.best_model_path or None) if best_checkpoint else None,
         "last_checkpoint": (last_checkpoint.best_model_path or None) if last_checkpoint else None,
+        "history": epoch_history(callbacks.epochs.records, module.validation_history),
     }
 
 
@@ -279,6 +311,7 @@ def _first_summary(cfg: DictConfig, output_dir: Path, start: RunStart) -> dict:
         "student": cfg.student.arch,
         "dataset": cfg.dataset.name,
         "seed": cfg.seed,
+        "torch_threads": torch.get_num_threads(),  # a parallel sweep splits the cores between jobs
         "overrides": _task_overrides(),
         "output_dir": str(output_dir),
     }
@@ -293,13 +326,13 @@ def _first_summary(cfg: DictConfig, output_dir: Path, start: RunStart) -> dict:
     return summary
 
 
-def _already_finished(previous: dict) -> float | None:
+def _already_finished(previous: dict, cfg: DictConfig) -> float | None:
     """The identical command in a finished run's directory (a requeued or re-run sweep): nothing to do."""
     print(
         f"{previous.get('output_dir')} already finished this run (status completed); nothing to do",
         file=sys.stderr,
     )
-    return previous.get("student_top1_best")
+    return objective_value(previous, cfg)
 
 
 def _is_int(value) -> bool:
@@ -359,21 +392,33 @@ def _standard_callbacks(cfg: DictConfig, output_dir: Path) -> list[pl.Callback]:
     return callbacks
 
 
-def _logger_names(logger_cfg: DictConfig, output_dir: Path, run_id: str | None = None) -> dict:
-    """W&B name and group: the run directory's name, and for a multirun the sweep as the group; a resumed
-    run continues its W&B run (`run_id`)."""
+def _logger_names(cfg: DictConfig, output_dir: Path, run_id: str | None = None) -> dict:
+    """W&B name, group, job type and tags where the config leaves them null: the run directory's name; the
+    sweep (a multirun), else the recipe (`experiment=`), else no group; the method; the config's tags plus
+    method / dataset / teacher / student (/ recipe) tags. A resumed run continues its W&B run (`run_id`) in
+    the group of its first command (the run's saved .hydra/hydra.yaml)."""
+    logger_cfg = cfg.logger
     if "wandb_logger" not in str(logger_cfg.get("_target_", "")):
         return {}
     names = {"run_id": run_id} if run_id else {}
     hydra_cfg = HydraConfig.get() if HydraConfig.initialized() else None
+    saved = output_dir / ".hydra/hydra.yaml"  # written before this for a new run; the first one's if resumed
+    first = OmegaConf.load(saved).get("hydra") if saved.is_file() else hydra_cfg
     multirun = hydra_cfg is not None and hydra_cfg.mode == RunMode.MULTIRUN
-    if logger_cfg.get("group") is None and multirun:
-        names["group"] = Path(hydra_cfg.sweep.dir).name
+    first_multirun = multirun or str(OmegaConf.select(first, "mode") if first else None).endswith("MULTIRUN")
+    recipe = OmegaConf.select(first, "runtime.choices.experiment") if first else None
+    if logger_cfg.get("group") is None and (first_multirun or recipe):
+        sweep = Path(hydra_cfg.sweep.dir).name if multirun else output_dir.parent.name
+        names["group"] = sweep if first_multirun else recipe
     if logger_cfg.get("name") is None:
-        override_text = hydra_cfg.job.override_dirname if hydra_cfg else ""
-        names["name"] = (
-            f"{output_dir.name}:{override_text}" if multirun and override_text else output_dir.name
-        )
+        names["name"] = output_dir.name  # a sweep job's folder already names its swept values
+    if logger_cfg.get("job_type") is None:
+        names["job_type"] = cfg.method.name
+    parts = {"method": cfg.method.name, "dataset": cfg.dataset.name, "recipe": recipe}
+    parts |= {"teacher": cfg.teacher.arch, "student": cfg.student.arch}
+    automatic = [f"{key}:{value}" for key, value in parts.items() if value]
+    tags = [str(tag)[:64] for tag in [*(logger_cfg.get("tags") or []), *automatic]]  # W&B's longest
+    names["tags"] = list(dict.fromkeys(tags))
     return names
 
 

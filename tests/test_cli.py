@@ -4,7 +4,9 @@ import json
 import re
 from pathlib import Path
 
+import pytest
 import torch
+from omegaconf import OmegaConf
 
 from tests.conftest import QUICK, clean_env, run_cli, run_summaries
 
@@ -37,6 +39,18 @@ def test_default_run_writes_summary_checkpoints_and_config(workdir):
     assert len(list((run_dir / "checkpoints").glob("best-*.ckpt"))) == 1
     checkpoint = torch.load(run_dir / "checkpoints/last.ckpt", weights_only=True)
     assert checkpoint["teacher_identity"]["sha256"] == summary["teacher_sha256"]
+    # per-epoch history: validation, the LR each epoch trained with (cosine over 2 epochs), loss-term means
+    history = summary["history"]
+    assert [h["epoch"] for h in history] == [0, 1]
+    assert history[-1]["top1"] == summary["student_top1"] and history[-1]["top5"] == summary["student_top5"]
+    base_lr = OmegaConf.load(run_dir / ".hydra/config.yaml").optimizer.lr
+    assert [h["lr"] for h in history] == pytest.approx([base_lr, base_lr / 2])
+    assert all(set(h["train"]) == {"ce", "kd", "loss"} and h["train"]["loss"] > 0 for h in history)
+    assert all(h["images_per_s"] > 0 for h in history)
+    # and one log line per epoch, which is what a SLURM log shows
+    line = re.search(r"epoch 2/2: loss ([\d.]+), val top-1 ([\d.]+)%, lr ", result.stdout + result.stderr)
+    assert line and float(line[1]) == pytest.approx(history[1]["train"]["loss"], abs=1e-4)
+    assert float(line[2]) == pytest.approx(summary["student_top1"], abs=0.005)
     # the closing table reports the same numbers
     assert f"{summary['student_top1']:.2f}%" in result.stdout
     assert f"{summary['teacher_top1']:.2f}%" in result.stdout
@@ -82,8 +96,12 @@ def test_a_job_that_fails_in_one_line_does_not_stop_the_sweep(workdir):
     )  # fmt: skip
     assert result.returncode == 2, result.stderr[-3000:]
     summaries = [json.loads(p.read_text()) for p in workdir.glob("outputs/multirun/*/*/*/summary.json")]
+    # job folders are named by their number and the swept values
     assert sorted((Path(s["output_dir"]).name, s["status"]) for s in summaries) == [
-        ("0", "failed"), ("1", "completed"), ("2", "failed"), ("3", "completed"),
+        ("0_method=kd,student.num_classes=7,trainer.max_epochs=1", "failed"),
+        ("1_method=kd,student.num_classes=10,trainer.max_epochs=1", "completed"),
+        ("2_method=ce,student.num_classes=7,trainer.max_epochs=1", "failed"),
+        ("3_method=ce,student.num_classes=10,trainer.max_epochs=1", "completed"),
     ]  # fmt: skip
     errors = [
         line for line in result.stderr.splitlines() if not line.startswith(" ") and "Warning" not in line

@@ -40,10 +40,16 @@ def test_report_protocol_and_paper_gap_in_the_summary(workdir):
     assert (run_dir / "checkpoints/averaged_student.pt").is_file()
     assert "weights averaged over 2 epochs" in result.stdout and "paper (a test)" in result.stdout
 
-    best = run_cli(*QUICK, "trainer.max_epochs=3", "report=best", "seed=1", cwd=workdir)
+    # A recipe's number measured on another data set (a CIFAR-100 recipe run on digits): no gap to it
+    best = run_cli(
+        *QUICK, "trainer.max_epochs=3", "report=best", "seed=1", "+paper.top1=90.0", "+paper.source=a test",
+        "+paper.dataset=cifar100", cwd=workdir,
+    )  # fmt: skip
     summaries = [json.loads(p.read_text()) for p in workdir.glob("outputs/runs/*/*/summary.json")]
     best_summary = next(s for s in summaries if s["report"] == "best")
     assert best.returncode == 0 and best_summary["student_top1_reported"] == best_summary["student_top1_best"]
+    assert "gap_to_paper" not in best_summary and best_summary["paper"]["dataset"] == "cifar100"
+    assert "on cifar100: not comparable with this run on digits" in best.stdout.replace("\n", "")
 
     bad = run_cli(*QUICK, "report=average", cwd=workdir)
     assert bad.returncode == 2 and "report='average' is not one of last, best, weight_average" in bad.stderr

@@ -71,6 +71,10 @@ def assert_same_run(resumed: dict, reference: dict) -> None:
     for key in ("student_top1", "student_top1_reported", "averaged_epochs", "student_top1_ema"):
         assert got[key] == expected[key], key
     assert resumed["history"] == reference["history"]  # every epoch's top-1 and top-5
+    # summary.json's history: every epoch once, with the same top-1, LR and loss means (not the same speed)
+    without_speed = [({k: v for k, v in h.items() if k != "images_per_s"}) for h in got["history"]]
+    assert without_speed == [{k: v for k, v in h.items() if k != "images_per_s"} for h in expected["history"]]
+    assert [h["epoch"] for h in got["history"]] == [0, 1, 2, 3]
     for part in ("weights", "averaged", "ema"):  # the student, its 3-epoch average, its EMA
         for name, tensor in reference[part].items():
             torch.testing.assert_close(resumed[part][name], tensor, rtol=0, atol=1e-6, msg=f"{part}: {name}")
@@ -251,11 +255,16 @@ def test_a_sweep_run_again_continues_only_its_unfinished_jobs(workdir, monkeypat
     command = ["-m", "seed=0,1", "trainer.max_epochs=1", "logger=none", f"hydra.sweep.dir={sweep}"]
     first = run_main_in_process(*command, cwd=workdir, monkeypatch=monkeypatch, capsys=capsys)
     assert first.returncode == 0, first.stderr[-2000:]
-    (sweep / "1/summary.json").unlink()  # job 1 was killed after its last checkpoint
-    finished = snapshot(sweep / "0")
+    (
+        sweep / "1_seed=1,trainer.max_epochs=1/summary.json"
+    ).unlink()  # job 1 was killed after its last checkpoint
+    finished = snapshot(sweep / "0_seed=0,trainer.max_epochs=1")
     again = run_main_in_process(*command, cwd=workdir, monkeypatch=monkeypatch, capsys=capsys)
     assert again.returncode == 0, again.stderr[-2000:]
-    assert f"{sweep}/0 already finished this run (status completed); nothing to do" in again.stderr
-    assert snapshot(sweep / "0") == finished
-    resumed = json.loads((sweep / "1/summary.json").read_text())
+    assert (
+        f"{sweep}/0_seed=0,trainer.max_epochs=1 already finished this run (status completed); nothing to do"
+        in again.stderr
+    )
+    assert snapshot(sweep / "0_seed=0,trainer.max_epochs=1") == finished
+    resumed = json.loads((sweep / "1_seed=1,trainer.max_epochs=1/summary.json").read_text())
     assert resumed["status"] == "completed" and resumed["resumes"] == [{"from_epoch": 1, "from_step": 6}]
