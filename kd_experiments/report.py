@@ -585,6 +585,8 @@ class SweepReport(Callback):
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         try:
             sweep_dir = Path(str(config.hydra.sweep.dir))
+            if not any(sweep_dir.rglob("summary.json")):  # every job refused before it began: nothing to say
+                return
             report_folders([sweep_dir], sweep_dir)
         except Exception as error:  # the report is a courtesy; the sweep's own result stands
             print(f"warning: no sweep report: {error}", file=sys.stderr)

@@ -251,10 +251,21 @@ def test_the_sweep_report_comes_before_failed_jobs_exits(two_methods_three_seeds
     assert "| kd | 3 | 73.63 ± 0.78 |" in captured.out and "error: 1 sweep job(s) failed:" in captured.err
 
 
-def test_a_sweep_report_that_cannot_be_made_is_one_warning(tmp_path, capsys):
-    config = hydra_config(f"hydra.sweep.dir={tmp_path / 'no_jobs_ran'}")
-    report.SweepReport().on_multirun_end(config=config)
-    assert capsys.readouterr().err == f"warning: no sweep report: {tmp_path / 'no_jobs_ran'} does not exist\n"
+def test_a_sweep_report_that_cannot_be_made_is_one_warning(
+    two_methods_three_seeds, tmp_path, monkeypatch, capsys
+):
+    # every job refused before it began (no summary.json): nothing to report, and nothing said about it
+    (tmp_path / "refused/0_seed=-1").mkdir(parents=True)
+    (tmp_path / "refused/0_seed=-1/failed.txt").write_text("#0 (seed=-1): seed must be ...")
+    report.SweepReport().on_multirun_end(config=hydra_config(f"hydra.sweep.dir={tmp_path / 'refused'}"))
+    assert capsys.readouterr() == ("", "")
+
+    def cannot_write(*args):
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(report, "write_report", cannot_write)
+    report.SweepReport().on_multirun_end(config=hydra_config(f"hydra.sweep.dir={two_methods_three_seeds}"))
+    assert capsys.readouterr().err == "warning: no sweep report: No space left on device\n"
 
 
 def test_job_folder_names_are_safe_and_short():
