@@ -361,11 +361,32 @@ def markdown(study: Study, out_dir: Path, figure: bool = True) -> str:
         "",
         *group_table(study),
     ]
+    repeated = repeated_seeds(study)
+    if repeated:
+        lines += [
+            "",
+            "**Repeated seeds** (the same config and seed in several folders, each counted): " + repeated,
+        ]
     if figure:
         lines += ["", "![student top-1 per group](report.png)"]
     if study.unfinished:
         lines += ["", "## Not finished (not averaged)", "", *unfinished_table(study, out_dir)]
     return "\n".join(lines) + "\n"
+
+
+def repeated_seeds(study: Study) -> str:
+    """The groups in which a seed occurs more than once (e.g. two sweeps of one command given together),
+    as `method key=value...: seed 0 x2`; empty when every seed is there once."""
+    notes = []
+    for group in study.groups:
+        seeds = [_cell(seed) for seed in group.seeds]
+        twice = sorted({seed for seed in seeds if seeds.count(seed) > 1}, key=seeds.index)
+        if twice:
+            pairs = zip(study.keys, group.values, strict=True)
+            values = " ".join(f"{k}={_md_value(v)}" for k, v in pairs if v is not None)
+            counts = ", ".join(f"seed {seed} x{seeds.count(seed)}" for seed in twice)
+            notes.append(f"{' '.join(filter(None, [group.method, values]))}: {counts}")
+    return "; ".join(notes)
 
 
 def group_table(study: Study) -> list[str]:

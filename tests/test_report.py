@@ -123,6 +123,20 @@ def test_groups_average_the_seeds_with_the_sample_std(two_methods_three_seeds, c
     out = capsys.readouterr().out
     assert "| kd | 3 | 73.63 ± 0.78 |" in out and f"report: {two_methods_three_seeds}/report.md" in out
     assert_png(two_methods_three_seeds / "report.png")
+    assert "Repeated seeds" not in text
+
+
+def test_a_seed_given_twice_is_counted_and_said(two_methods_three_seeds, tmp_path, capsys):
+    # the same sweep folder copied (two sweeps of one command, reported together)
+    make_run(tmp_path, "again/0_method=ce,seed=0", 70.0, run_config(CE_METHOD, 0))
+    assert report.main([str(two_methods_three_seeds), str(tmp_path / "again"), "--out", str(tmp_path)]) == 0
+    _, rows = read_csv(tmp_path / "report.csv")
+    assert (rows[0]["method"], rows[0]["n"], rows[0]["seeds"]) == ("ce", "4", "0 0 1 2")
+    text = (tmp_path / "report.md").read_text()
+    assert (
+        "**Repeated seeds** (the same config and seed in several folders, each counted): ce: seed 0 x2"
+        in text
+    )
 
 
 def test_a_swept_key_becomes_a_column_and_splits_groups(tmp_path):
