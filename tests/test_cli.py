@@ -8,7 +8,9 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from tests.conftest import QUICK, clean_env, run_cli, run_summaries
+from tests.conftest import QUICK, clean_env, run_cli, run_main_in_process, run_summaries
+
+cli = run_main_in_process  # the same entry point in this process: no interpreter start-up per run
 
 SUMMARY_KEYS = {
     "status", "method", "teacher", "student", "dataset", "seed", "student_top1", "student_top1_best",
@@ -57,11 +59,11 @@ def test_default_run_writes_summary_checkpoints_and_config(workdir):
     assert str(run_dir) in result.stdout.replace("\n", "")
 
 
-def test_teacher_is_trained_once_then_reused_from_the_cache(tmp_path):
+def test_teacher_is_trained_once_then_reused_from_the_cache(tmp_path, monkeypatch, capsys):
     fast_teacher = ["teacher.recipe.max_epochs=2", *QUICK, "trainer.max_epochs=1"]
-    first = run_cli(*fast_teacher, cwd=tmp_path)
+    first = cli(*fast_teacher, cwd=tmp_path, monkeypatch=monkeypatch, capsys=capsys)
     assert first.returncode == 0, first.stderr[-3000:]
-    second = run_cli(*fast_teacher, "seed=1", cwd=tmp_path)
+    second = cli(*fast_teacher, "seed=1", cwd=tmp_path, monkeypatch=monkeypatch, capsys=capsys)
     assert second.returncode == 0, second.stderr[-3000:]
     first_summary, second_summary = run_summaries(tmp_path)
     assert first_summary["teacher_source"] == "trained"
@@ -71,13 +73,29 @@ def test_teacher_is_trained_once_then_reused_from_the_cache(tmp_path):
     meta = json.loads(next((tmp_path / "outputs/teachers").glob("*.json")).read_text())
     assert meta["recipe"]["max_epochs"] == 2 and meta["seed"] == 0
     # another recipe is another teacher: never a stale cache hit
-    third = run_cli("teacher.recipe.max_epochs=3", *QUICK, "trainer.max_epochs=1", cwd=tmp_path)
+    third = cli(
+        "teacher.recipe.max_epochs=3",
+        *QUICK,
+        "trainer.max_epochs=1",
+        cwd=tmp_path,
+        monkeypatch=monkeypatch,
+        capsys=capsys,
+    )
     assert third.returncode == 0, third.stderr[-3000:]
     assert len(list((tmp_path / "outputs/teachers").glob("*.pt"))) == 2
 
 
-def test_multirun_sweep_gives_each_job_its_own_dir_and_summary(workdir):
-    result = run_cli("-m", "method=ce,kd", "seed=0,1,2", "trainer.max_epochs=1", "logger=none", cwd=workdir)
+def test_multirun_sweep_gives_each_job_its_own_dir_and_summary(workdir, monkeypatch, capsys):
+    result = cli(
+        "-m",
+        "method=ce,kd",
+        "seed=0,1,2",
+        "trainer.max_epochs=1",
+        "logger=none",
+        cwd=workdir,
+        monkeypatch=monkeypatch,
+        capsys=capsys,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     summaries = [json.loads(p.read_text()) for p in workdir.glob("outputs/multirun/*/*/*/summary.json")]
     assert sorted((s["method"], s["seed"]) for s in summaries) == [
@@ -89,10 +107,11 @@ def test_multirun_sweep_gives_each_job_its_own_dir_and_summary(workdir):
     assert all(s["teacher_top1"] > 90 for s in summaries)
 
 
-def test_a_job_that_fails_in_one_line_does_not_stop_the_sweep(workdir):
+def test_a_job_that_fails_in_one_line_does_not_stop_the_sweep(workdir, monkeypatch, capsys):
     # jobs 0 and 2 are refused (7 classes on the 10-class digits); jobs 1 and 3 must still run
-    result = run_cli(
-        "-m", "method=kd,ce", "student.num_classes=7,10", "trainer.max_epochs=1", "logger=none", cwd=workdir
+    result = cli(
+        "-m", "method=kd,ce", "student.num_classes=7,10", "trainer.max_epochs=1", "logger=none", cwd=workdir,
+        monkeypatch=monkeypatch, capsys=capsys,
     )  # fmt: skip
     assert result.returncode == 2, result.stderr[-3000:]
     summaries = [json.loads(p.read_text()) for p in workdir.glob("outputs/multirun/*/*/*/summary.json")]
@@ -148,8 +167,8 @@ def test_wandb_mode_env_is_honoured(workdir):
     assert not list(workdir.glob("outputs/runs/*/*/wandb/offline-run-*"))
 
 
-def test_csv_logger_records_loss_terms_and_metrics(workdir):
-    result = run_cli("trainer.max_epochs=2", "logger=csv", cwd=workdir)
+def test_csv_logger_records_loss_terms_and_metrics(workdir, monkeypatch, capsys):
+    result = cli("trainer.max_epochs=2", "logger=csv", cwd=workdir, monkeypatch=monkeypatch, capsys=capsys)
     assert result.returncode == 0, result.stderr[-3000:]
     (metrics,) = workdir.glob("outputs/runs/*/*/csv/metrics.csv")
     header = metrics.read_text().splitlines()[0].split(",")
@@ -165,18 +184,21 @@ def test_csv_logger_records_loss_terms_and_metrics(workdir):
     assert "train/images_per_s" in header and "lr-SGD" in header
 
 
-def test_tensorboard_logger_writes_event_files(workdir):
-    result = run_cli("trainer.max_epochs=1", "logger=tensorboard", cwd=workdir)
+def test_tensorboard_logger_writes_event_files(workdir, monkeypatch, capsys):
+    result = cli(
+        "trainer.max_epochs=1", "logger=tensorboard", cwd=workdir, monkeypatch=monkeypatch, capsys=capsys
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     (events,) = workdir.glob("outputs/runs/*/*/tensorboard/events.out.tfevents.*")
     assert b"val/student_top1" in events.read_bytes()
 
 
-def test_the_documented_benchmark_command_runs(workdir):
-    result = run_cli(
+def test_the_documented_benchmark_command_runs(workdir, monkeypatch, capsys):
+    result = cli(
         "dataset=fake", "dataset.image_size=32", "dataset.num_classes=100", "dataset.batch_size=64",
         "teacher=resnet56", "student=resnet20", "teacher.weights=random", "method=kd",
         "trainer.max_steps=3", "++trainer.limit_val_batches=0", "logger=none", cwd=workdir,
+        monkeypatch=monkeypatch, capsys=capsys,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     (summary,) = run_summaries(workdir)
@@ -187,16 +209,26 @@ def test_the_documented_benchmark_command_runs(workdir):
     assert "TEACHER WEIGHTS ARE RANDOM" in result.stdout + result.stderr
 
 
-def test_help_and_cfg_job(workdir):
-    helped = run_cli("--help", cwd=workdir)
+def test_help_and_cfg_job(workdir, monkeypatch, capsys):
+    helped = cli("--help", cwd=workdir, monkeypatch=monkeypatch, capsys=capsys)
     assert helped.returncode == 0
     for group in ("teacher", "student", "method", "dataset", "trainer", "optimizer", "scheduler", "logger"):
         assert f"{group}:" in helped.stdout, group
     assert "python -m kd_experiments -m method=ce,kd seed=0,1,2" in helped.stdout
-    shown = run_cli("method=ce", "trainer.max_epochs=3", "--cfg", "job", cwd=workdir)
+    shown = cli(
+        "method=ce",
+        "trainer.max_epochs=3",
+        "--cfg",
+        "job",
+        cwd=workdir,
+        monkeypatch=monkeypatch,
+        capsys=capsys,
+    )
     assert shown.returncode == 0
     assert "name: ce" in shown.stdout and "max_epochs: 3" in shown.stdout
-    recipe = run_cli("experiment=digits_kd", "--cfg", "job", cwd=workdir)
+    recipe = cli("experiment=digits_kd", "--cfg", "job", cwd=workdir, monkeypatch=monkeypatch, capsys=capsys)
     assert recipe.returncode == 0 and "temperature: 4.0" in recipe.stdout
-    completion = run_cli("--shell-completion", "install=bash", cwd=workdir)
+    completion = cli(
+        "--shell-completion", "install=bash", cwd=workdir, monkeypatch=monkeypatch, capsys=capsys
+    )
     assert completion.returncode == 0 and "complete" in completion.stdout

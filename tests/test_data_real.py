@@ -14,7 +14,7 @@ from PIL import Image
 from kd_experiments.data.cifar import STATISTICS, CIFARData
 from kd_experiments.data.imagefolder import ImageFolderData
 from kd_experiments.errors import UserError
-from tests.conftest import run_cli
+from tests.conftest import run_cli, run_main_in_process
 
 
 def write_cifar(root, variant: str, train: int = 40, test: int = 20):
@@ -76,20 +76,27 @@ def test_cifar10_layout_and_class_count_check(tmp_path):
         CIFARData(root=str(tmp_path), variant="cifar10", num_classes=100)
 
 
-def test_missing_cifar_is_one_line_naming_the_path_and_the_download_switch(tmp_path):
-    result = run_cli("dataset=cifar100", f"paths.data_dir={tmp_path}/nowhere", "logger=none", cwd=tmp_path)
+def test_missing_cifar_is_one_line_naming_the_path_and_the_download_switch(tmp_path, monkeypatch, capsys):
+    result = run_main_in_process(
+        "dataset=cifar100",
+        f"paths.data_dir={tmp_path}/nowhere",
+        "logger=none",
+        cwd=tmp_path,
+        monkeypatch=monkeypatch,
+        capsys=capsys,
+    )
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in result.stderr
     assert f"{tmp_path}/nowhere/cifar/cifar-100-python" in lines[0] and "dataset.download=true" in lines[0]
 
 
-def test_a_zoo_pair_trains_on_the_cifar100_loader(tmp_path):
+def test_a_zoo_pair_trains_on_the_cifar100_loader(tmp_path, monkeypatch, capsys):
     write_cifar(tmp_path / "data" / "cifar", "cifar100", train=64, test=16)
-    result = run_cli(
+    result = run_main_in_process(
         "dataset=cifar100", "dataset.num_workers=0", "dataset.batch_size=32", "teacher=resnet20",
         "teacher.weights=random", "student=resnet8", "method=kd", "trainer.max_steps=2", "logger=none",
-        cwd=tmp_path,
+        cwd=tmp_path, monkeypatch=monkeypatch, capsys=capsys,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
     assert '"steps": 2' in next(tmp_path.glob("outputs/runs/*/*/summary.json")).read_text()
@@ -186,7 +193,7 @@ def test_repeated_augmentation_draws_each_image_three_times_across_the_ranks(tmp
         ImageFolderData(root=str(tmp_path), image_size=32, repeated_augmentation=-1)
 
 
-def test_mixed_targets_reach_the_losses_through_the_cli(tmp_path):
+def test_mixed_targets_reach_the_losses_through_the_cli(tmp_path, monkeypatch, capsys):
     write_image_tree(tmp_path / "tree", per_class=6)
     common = [
         "dataset=imagefolder", f"dataset.root={tmp_path}/tree", "dataset.image_size=32",
@@ -194,17 +201,26 @@ def test_mixed_targets_reach_the_losses_through_the_cli(tmp_path):
         "dataset.mixup={mixup_alpha: 0.8, cutmix_alpha: 1.0, label_smoothing: 0.1}",
         "teacher=resnet20", "teacher.weights=random", "student=resnet8", "trainer.max_steps=2", "logger=none",
     ]  # fmt: skip
-    ok = run_cli(*common, "method=kd", cwd=tmp_path)  # soft-target CE + KD
+    ok = run_main_in_process(
+        *common, "method=kd", cwd=tmp_path, monkeypatch=monkeypatch, capsys=capsys
+    )  # soft-target CE + KD
     assert ok.returncode == 0, ok.stderr[-2000:]
     summary = next(tmp_path.glob("outputs/runs/*/*/summary.json")).read_text()
     assert '"steps": 2' in summary and '"dataset": "imagefolder"' in summary
-    refused = run_cli(*common, "method=dkd", cwd=tmp_path)
+    refused = run_main_in_process(*common, "method=dkd", cwd=tmp_path, monkeypatch=monkeypatch, capsys=capsys)
     assert refused.returncode == 2 and "Traceback" not in refused.stderr
     assert "DKD needs class-index targets" in refused.stderr and "dataset.mixup=null" in refused.stderr
 
 
-def test_missing_imagenet_names_the_path_and_how_to_get_it(tmp_path):
-    result = run_cli("dataset=imagenet", f"paths.data_dir={tmp_path}", "logger=none", cwd=tmp_path)
+def test_missing_imagenet_names_the_path_and_how_to_get_it(tmp_path, monkeypatch, capsys):
+    result = run_main_in_process(
+        "dataset=imagenet",
+        f"paths.data_dir={tmp_path}",
+        "logger=none",
+        cwd=tmp_path,
+        monkeypatch=monkeypatch,
+        capsys=capsys,
+    )
     assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
     assert f"{tmp_path}/imagenet/train" in result.stderr and "ILSVRC2012" in result.stderr
 
@@ -235,7 +251,7 @@ def test_repeated_augmentation_and_ema_under_ddp(tmp_path):
     """Two CPU processes: Lightning keeps the repeated-augmentation sampler (it already shards by rank)
     instead of sharding it again, and the EMA of the student is scored at the end."""
     write_image_tree(tmp_path / "tree", per_class=10)  # 30 training images
-    result = run_cli(
+    result = run_cli(  # a real process: Lightning starts rank 1 by running its command line again
         "dataset=imagefolder", f"dataset.root={tmp_path}/tree", "dataset.image_size=32",
         "dataset.batch_size=4", "dataset.num_workers=0", "dataset.repeated_augmentation=3",
         "teacher=resnet20", "teacher.weights=random", "student=resnet8", "trainer.max_epochs=1",

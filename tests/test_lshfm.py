@@ -19,7 +19,7 @@ from kd_experiments.methods.compose import LossWeights, Objectives, assemble
 from kd_experiments.methods.lshfm import L2Mimicking, LSHMimicking, ProjectedEmbeddingNetwork
 from kd_experiments.models import create_model, extract_features
 from kd_experiments.models.features import NetworkOutput
-from tests.conftest import run_cli
+from tests.conftest import run_main_in_process
 
 FEATURES = frozenset({"logits", "embedding"})
 
@@ -312,13 +312,22 @@ def test_adapted_zoo_student_keeps_its_stage_features():
 # ----------------------------------------------------------------------------------------- config and CLI
 
 
-def test_lshfm_runs_end_to_end_with_feat_fc_in_the_checkpoint_and_cached_statistics(workdir):
+def test_lshfm_runs_end_to_end_with_feat_fc_in_the_checkpoint_and_cached_statistics(
+    workdir, monkeypatch, capsys
+):
     statistics_dir = workdir / "outputs/teachers/statistics"
 
     def lsh_statistics() -> set:
         return set(statistics_dir.glob("lsh_hash-*.pt")) if statistics_dir.is_dir() else set()
 
-    result = run_cli("method=lshfm", "trainer.max_epochs=2", "logger=csv", cwd=workdir)
+    result = run_main_in_process(
+        "method=lshfm",
+        "trainer.max_epochs=2",
+        "logger=csv",
+        cwd=workdir,
+        monkeypatch=monkeypatch,
+        capsys=capsys,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     after_first = lsh_statistics()
     assert len(after_first) >= 1
@@ -334,7 +343,14 @@ def test_lshfm_runs_end_to_end_with_feat_fc_in_the_checkpoint_and_cached_statist
     assert state_dict["student.fc.weight"].shape == (10, 256)
     assert not any(key.startswith("student.network.fc") for key in state_dict)
 
-    again = run_cli("method=lshfm", "trainer.max_epochs=1", "logger=none", cwd=workdir)
+    again = run_main_in_process(
+        "method=lshfm",
+        "trainer.max_epochs=1",
+        "logger=none",
+        cwd=workdir,
+        monkeypatch=monkeypatch,
+        capsys=capsys,
+    )
     assert again.returncode == 0, again.stderr[-3000:]
     assert lsh_statistics() == after_first
     logs = (

@@ -16,7 +16,7 @@ from omegaconf import OmegaConf
 
 from kd_experiments import report, sweep
 from kd_experiments.resolvers import job_name
-from tests.conftest import CONF_DIR, REPO, run_cli
+from tests.conftest import CONF_DIR, REPO, run_main_in_process
 
 KD_METHOD = {
     "name": "kd",
@@ -297,10 +297,10 @@ def test_job_folder_names_are_safe_and_short():
     assert {"paths.log_dir", "paths.teacher_cache_dir", "resume", "logger"} <= set(excluded)
 
 
-def test_a_multirun_ends_with_its_report(workdir):
-    result = run_cli(
+def test_a_multirun_ends_with_its_report(workdir, monkeypatch, capsys):
+    result = run_main_in_process(
         "-m", "method=ce,kd", "seed=0,1", "trainer.max_epochs=1", "logger=none",
-        "++trainer.enable_model_summary=false", cwd=workdir,
+        "++trainer.enable_model_summary=false", cwd=workdir, monkeypatch=monkeypatch, capsys=capsys,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     (sweep_dir,) = workdir.glob("outputs/multirun/*/*")

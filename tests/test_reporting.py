@@ -9,7 +9,7 @@ import pytorch_lightning as pl
 import torch
 
 from kd_experiments.reporting import StudentEMA, WeightAveraging
-from tests.conftest import QUICK, run_cli
+from tests.conftest import QUICK, run_main_in_process
 
 
 def test_weight_average_is_the_mean_of_the_last_epochs_weights(tmp_path):
@@ -26,10 +26,10 @@ def test_weight_average_is_the_mean_of_the_last_epochs_weights(tmp_path):
     torch.testing.assert_close(averaging.averaged.module.weight, (snapshots[2] + snapshots[3]) / 2)
 
 
-def test_report_protocol_and_paper_gap_in_the_summary(workdir):
-    result = run_cli(
+def test_report_protocol_and_paper_gap_in_the_summary(workdir, monkeypatch, capsys):
+    result = run_main_in_process(
         *QUICK, "trainer.max_epochs=3", "report=weight_average", "average_epochs=2",
-        "+paper.top1=90.0", "+paper.source=a test", cwd=workdir,
+        "+paper.top1=90.0", "+paper.source=a test", cwd=workdir, monkeypatch=monkeypatch, capsys=capsys,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
     run_dir = next(workdir.glob("outputs/runs/*/*/"))
@@ -41,9 +41,9 @@ def test_report_protocol_and_paper_gap_in_the_summary(workdir):
     assert "weights averaged over 2 epochs" in result.stdout and "paper (a test)" in result.stdout
 
     # A recipe's number measured on another data set (a CIFAR-100 recipe run on digits): no gap to it
-    best = run_cli(
+    best = run_main_in_process(
         *QUICK, "trainer.max_epochs=3", "report=best", "seed=1", "+paper.top1=90.0", "+paper.source=a test",
-        "+paper.dataset=cifar100", cwd=workdir,
+        "+paper.dataset=cifar100", cwd=workdir, monkeypatch=monkeypatch, capsys=capsys,
     )  # fmt: skip
     summaries = [json.loads(p.read_text()) for p in workdir.glob("outputs/runs/*/*/summary.json")]
     best_summary = next(s for s in summaries if s["report"] == "best")
@@ -51,9 +51,9 @@ def test_report_protocol_and_paper_gap_in_the_summary(workdir):
     assert "gap_to_paper" not in best_summary and best_summary["paper"]["dataset"] == "cifar100"
     assert "on cifar100: not comparable with this run on digits" in best.stdout.replace("\n", "")
 
-    bad = run_cli(*QUICK, "report=average", cwd=workdir)
+    bad = run_main_in_process(*QUICK, "report=average", cwd=workdir, monkeypatch=monkeypatch, capsys=capsys)
     assert bad.returncode == 2 and "report='average' is not one of last, best, weight_average" in bad.stderr
-    no_ema = run_cli(*QUICK, "report=ema", cwd=workdir)
+    no_ema = run_main_in_process(*QUICK, "report=ema", cwd=workdir, monkeypatch=monkeypatch, capsys=capsys)
     assert no_ema.returncode == 2 and "report=ema needs an EMA of the student: set ema_decay" in no_ema.stderr
 
 
@@ -74,8 +74,10 @@ def test_student_ema_follows_the_optimizer_steps_and_survives_a_checkpoint(tmp_p
     torch.testing.assert_close(resumed.ema.module.weight, ema.ema.module.weight)
 
 
-def test_ema_is_scored_and_reported(workdir):
-    result = run_cli(*QUICK, "ema_decay=0.5", "report=ema", cwd=workdir)
+def test_ema_is_scored_and_reported(workdir, monkeypatch, capsys):
+    result = run_main_in_process(
+        *QUICK, "ema_decay=0.5", "report=ema", cwd=workdir, monkeypatch=monkeypatch, capsys=capsys
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     run_dir = next(workdir.glob("outputs/runs/*/*/"))
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -122,10 +124,11 @@ def logged_learning_rates(workdir) -> list[float]:
     return [float(r.split(",")[column]) for r in rows[1:] if r.split(",")[column]]
 
 
-def test_timm_cosine_warmup_is_stepped_per_epoch_by_the_module(workdir):
-    result = run_cli(
+def test_timm_cosine_warmup_is_stepped_per_epoch_by_the_module(workdir, monkeypatch, capsys):
+    result = run_main_in_process(
         *QUICK, "trainer.max_epochs=4", "scheduler=cosine_warmup", "scheduler.warmup_t=2",
         "scheduler.warmup_lr_init=0.01", "optimizer.lr=0.1", "logger=csv", cwd=workdir,
+        monkeypatch=monkeypatch, capsys=capsys,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
     lrs = logged_learning_rates(workdir)
@@ -133,12 +136,13 @@ def test_timm_cosine_warmup_is_stepped_per_epoch_by_the_module(workdir):
     assert [round(x, 4) for x in lrs] == [0.01, 0.055, 0.05, 0.0146]
 
 
-def test_timm_cosine_warmup_with_interval_step_counts_updates_not_epochs(workdir):
+def test_timm_cosine_warmup_with_interval_step_counts_updates_not_epochs(workdir, monkeypatch, capsys):
     """SRD / VkD step their cosine per iteration: the epoch-unit warm-up and length become updates."""
-    result = run_cli(
+    result = run_main_in_process(
         *QUICK, "scheduler=cosine_warmup", "scheduler.interval=step", "scheduler.warmup_t=1",
         "scheduler.warmup_lr_init=0.01", "optimizer.lr=0.1", "++trainer.limit_train_batches=4",
         "trainer.log_every_n_steps=1", "logger=csv", cwd=workdir,
+        monkeypatch=monkeypatch, capsys=capsys,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
     lrs = logged_learning_rates(workdir)
@@ -166,11 +170,11 @@ def test_sgd_recipe_settings_reach_torch_sgd():
     assert pl.__version__  # Lightning drives the loop; the factory only builds the optimizer
 
 
-def test_teacher_is_checked_against_its_reference_before_distilling(workdir):
+def test_teacher_is_checked_against_its_reference_before_distilling(workdir, monkeypatch, capsys):
     # A tolerance of 0.5 points (default 2) makes the check fail for any teacher below 99.4%.
-    result = run_cli(
+    result = run_main_in_process(
         *QUICK, "trainer.max_epochs=1", "teacher.reference_top1=99.9", "teacher.reference_tolerance=0.5",
-        cwd=workdir,
+        cwd=workdir, monkeypatch=monkeypatch, capsys=capsys,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
     output = result.stdout + result.stderr
@@ -181,9 +185,10 @@ def test_teacher_is_checked_against_its_reference_before_distilling(workdir):
         f"TEACHER CHECK FAILED: convnet_wide scores {measured:.2f}% on digits val, "
         f"{99.9 - measured:.2f} points below its reference 99.90%"
     ) in output
-    fine = run_cli(
-        *QUICK, "trainer.max_epochs=1", f"teacher.reference_top1={measured + 1:.2f}", "seed=1", cwd=workdir
-    )
+    fine = run_main_in_process(
+        *QUICK, "trainer.max_epochs=1", f"teacher.reference_top1={measured + 1:.2f}", "seed=1", cwd=workdir,
+        monkeypatch=monkeypatch, capsys=capsys,
+    )  # fmt: skip
     fine_output = fine.stdout + fine.stderr
     assert "TEACHER CHECK FAILED" not in fine_output and f"Teacher check: {measured:.2f}%" in fine_output
 
