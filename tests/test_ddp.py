@@ -9,6 +9,7 @@ import sys
 import tarfile
 import threading
 import time
+from importlib.machinery import ModuleSpec
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -143,8 +144,10 @@ def test_the_child_command_comes_from_the_job_not_from_argv(monkeypatch):
     monkeypatch.setattr(distributed.HydraConfig, "get", staticmethod(lambda: job))
     monkeypatch.setattr(distributed, "get_original_cwd", lambda: "/started/here")
     monkeypatch.setattr("sys.argv", ["kd_experiments", "-m", "seed=0,1", "trainer.strategy=ddp"])
+    # started as `python -m kd_experiments` (under pytest-xdist, __main__ is execnet's, without a spec)
+    monkeypatch.setattr(sys.modules["__main__"], "__spec__", ModuleSpec("kd_experiments", None))
     command, cwd = distributed.hydra_child_command(local_rank=1)
-    assert cwd == "/started/here" and command[0] == sys.executable
+    assert cwd == "/started/here" and command[:3] == [sys.executable, "-m", "kd_experiments"]
     assert "seed=0,1" not in command and "-m" not in command[3:]
     assert command[-6:-4] == ["seed=1", "trainer.strategy=ddp"]
     assert "hydra.run.dir='/sweep/1_seed=1'" in command
