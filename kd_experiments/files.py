@@ -1,14 +1,19 @@
 """Writing result and cache files: whole or not at all, with the permissions the user's umask gives."""
 
 import json
+import logging
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from filelock import FileLock, Timeout
 
 from kd_experiments.errors import UserError
+
+log = logging.getLogger(__name__)
 
 
 def _umask() -> int:
@@ -65,3 +70,24 @@ def atomic_write_json(payload: dict, path: Path) -> None:
 
 def atomic_torch_save(obj, path: Path) -> None:
     atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
+@contextmanager
+def exclusive_lock(lock_path: Path, waiting_for: str, unwritable: str) -> Iterator[None]:
+    """Hold an exclusive file lock at `lock_path` (creating its folder): processes that need the same file
+    made once (a cached teacher, a download) queue here, and a waiting one says what it waits for. A folder
+    that cannot be written is one UserError line: `unwritable`, then the OS's reason."""
+    try:
+        lock_path.parent.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(str(lock_path))
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            log.info(f"Waiting for {waiting_for} ({lock_path})")
+            lock.acquire()
+    except OSError as error:
+        raise UserError(unwritable.format(reason=error.strerror)) from None
+    try:
+        yield
+    finally:
+        lock.release()

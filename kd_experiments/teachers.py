@@ -13,12 +13,10 @@ import logging
 import os
 import time
 from collections.abc import Callable, Mapping
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from filelock import FileLock, Timeout
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.utilities import rank_zero_only
 from torch import nn
@@ -27,7 +25,7 @@ from kd_experiments.callbacks import top1_on
 from kd_experiments.data.base import ClassificationData, Renormalize
 from kd_experiments.distributed import local_device
 from kd_experiments.errors import UserError
-from kd_experiments.files import atomic_torch_save, atomic_write_text
+from kd_experiments.files import atomic_torch_save, atomic_write_text, exclusive_lock
 from kd_experiments.models import create_model
 
 log = logging.getLogger(__name__)
@@ -293,27 +291,14 @@ def teacher_cache_key(teacher_cfg: DictConfig, dataset_cfg: DictConfig) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
-@contextmanager
 def cache_lock(entry: Path, what: str):
     """An exclusive lock beside a cache entry (`<entry>.lock`), held while it is read or made. Also the first
     write into the cache directory, so a directory that is not writable is reported before any work."""
-    try:
-        entry.parent.mkdir(parents=True, exist_ok=True)
-        lock = FileLock(str(entry) + ".lock")
-        try:
-            lock.acquire(timeout=0)
-        except Timeout:
-            log.info(f"Waiting for another run that is making {what} ({entry})")
-            lock.acquire()
-    except OSError as error:
-        raise UserError(
-            f"the cache directory {entry.parent} is not writable ({error.strerror}); set "
-            "paths.teacher_cache_dir to a writable directory"
-        ) from None
-    try:
-        yield
-    finally:
-        lock.release()
+    unwritable = (
+        f"the cache directory {entry.parent} is not writable ({{reason}}); set paths.teacher_cache_dir to a "
+        "writable directory"
+    )
+    return exclusive_lock(Path(str(entry) + ".lock"), f"another run that is making {what}", unwritable)
 
 
 def _read_cached_teacher(model: nn.Module, arch: str, weights_path: Path, meta_path: Path) -> dict | None:

@@ -6,11 +6,11 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
-from filelock import FileLock, Timeout
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from kd_experiments.errors import UserError
+from kd_experiments.files import exclusive_lock
 
 log = logging.getLogger(__name__)
 
@@ -126,24 +126,13 @@ def fetch_once(
     complete data set needs no lock (a read-only data root then works)."""
     if is_complete():
         return
-    try:
-        lock_path.parent.mkdir(parents=True, exist_ok=True)
-        lock = FileLock(str(lock_path))
-        try:
-            lock.acquire(timeout=0)
-        except Timeout:
-            log.info(f"Waiting for another process that is downloading {what} ({lock_path})")
-            lock.acquire()
-    except OSError as error:
-        raise UserError(
-            f"cannot download {what}: {lock_path.parent} is not writable ({error.strerror}); point the data "
-            "set's root at a writable directory"
-        ) from None
-    try:
+    unwritable = (
+        f"cannot download {what}: {lock_path.parent} is not writable ({{reason}}); point the data set's root "
+        "at a writable directory"
+    )
+    with exclusive_lock(lock_path, f"another process that is downloading {what}", unwritable):
         if not is_complete():
             fetch()
-    finally:
-        lock.release()
 
 
 class Renormalize(nn.Module):
