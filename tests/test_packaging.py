@@ -38,24 +38,19 @@ def test_a_wheel_installed_outside_the_repository_runs_from_any_folder(tmp_path,
     # The installed copy first on the path: the editable install of this checkout is never imported.
     env = clean_env(elsewhere) | {"PYTHONPATH": str(target)}
     env.pop("PYTHONSAFEPATH", None)
-    where = subprocess.run(
-        [sys.executable, "-c", "import kd_experiments; print(kd_experiments.__file__)"],
-        cwd=elsewhere,
-        env=env,
-        capture_output=True,
-        text=True,
-    )
+
+    def run_elsewhere(*command: str) -> subprocess.CompletedProcess:
+        return subprocess.run(command, cwd=elsewhere, env=env, capture_output=True, text=True, timeout=300)
+
+    where = run_elsewhere(sys.executable, "-c", "import kd_experiments; print(kd_experiments.__file__)")
     assert where.stdout.strip() == str(target / "kd_experiments" / "__init__.py")
 
     teachers = project_dir / "outputs" / "teachers"  # the shared default teacher: no retraining here
-    common = [*QUICK, "trainer.max_epochs=1", f"paths.teacher_cache_dir={teachers}"]
-    script = subprocess.run(
-        [str(target / "bin" / "kd-experiments"), *common],
-        cwd=elsewhere,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
+    script = run_elsewhere(
+        str(target / "bin" / "kd-experiments"),
+        *QUICK,
+        "trainer.max_epochs=1",
+        f"paths.teacher_cache_dir={teachers}",
     )
     assert script.returncode == 0, script.stderr[-3000:]
     (summary_path,) = elsewhere.glob("outputs/runs/*/*/summary.json")
@@ -63,13 +58,6 @@ def test_a_wheel_installed_outside_the_repository_runs_from_any_folder(tmp_path,
     assert summary["status"] == "completed" and summary["epochs"] == 1
     assert (summary_path.parent / ".hydra" / "config.yaml").is_file()
 
-    module_help = subprocess.run(
-        [sys.executable, "-m", "kd_experiments", "--help"],
-        cwd=elsewhere,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    module_help = run_elsewhere(sys.executable, "-m", "kd_experiments", "--help")
     assert module_help.returncode == 0, module_help.stderr[-2000:]
     assert "digits_kd" in module_help.stdout  # the experiment group, listed from the installed configs
