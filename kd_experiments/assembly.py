@@ -200,5 +200,9 @@ def train_teacher_with_ce(
         check_val_every_n_epoch=recipe.max_epochs,  # one validation, at the end
         callbacks=[progress_bar()],
     )
-    trainer.fit(module, datamodule=datamodule)
+    run_seed, datamodule.augmentation_seed = datamodule.augmentation_seed, seed  # the teacher's own stream
+    try:
+        trainer.fit(module, datamodule=datamodule)
+    finally:
+        datamodule.augmentation_seed = run_seed
     return module.validation_history[-1]["top1"]

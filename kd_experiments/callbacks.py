@@ -14,7 +14,27 @@ log = logging.getLogger(__name__)
 
 
 def progress_bar() -> pl.Callback:
-    return RichProgressBar(leave=False)
+    # Redrawn 10 times a second, not Lightning's 100: the drawing thread competes with the training loop.
+    return QuietProgressBar(refresh_rate=10, leave=False)
+
+
+class QuietProgressBar(RichProgressBar):
+    """Rich's progress bar, whose logged numbers (the step's loss) are read every `trainer.log_every_n_steps`
+    training steps and at an epoch's last batch, not every step: reading one converts a device tensor to a
+    Python number, a host sync that would stall the GPU's queue each step. The bar itself still moves every
+    step; between reads it shows the numbers last read."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._shown: dict = {}
+
+    def get_metrics(self, trainer, pl_module) -> dict:
+        # During a training batch (not at an epoch's end or in validation) only a logging step reads anew.
+        in_batch = trainer.training and not trainer.fit_loop.epoch_loop.done
+        if in_batch and trainer.global_step % trainer.log_every_n_steps != 0:
+            return self._shown
+        self._shown = super().get_metrics(trainer, pl_module)
+        return self._shown
 
 
 def last_epoch_checkpoint(dirpath: Path) -> ModelCheckpoint:
@@ -108,6 +128,10 @@ class TrainThroughput(pl.Callback):
         self._mark = time.perf_counter()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.fit_loop.epoch_loop.done and pl_module.device.type == "cuda":
+            # The GPU runs behind the host: an epoch's time ends when its last step has run, not been queued
+            # (once per epoch; no other step waits).
+            torch.cuda.synchronize(pl_module.device)
         now = time.perf_counter()
         images = len(batch[0]) * trainer.world_size
         self._epoch_images += images

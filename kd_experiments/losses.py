@@ -27,7 +27,8 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
 
 def _target_vs_rest_log_probs(scaled_logits: torch.Tensor, is_target: torch.Tensor) -> torch.Tensor:
     """log [p_y, 1 - p_y] of softmax(scaled_logits), as a B x 2 tensor."""
-    target_logit = scaled_logits.masked_select(is_target)
+    # a masked sum, not masked_select: the latter's output size depends on the data, a host sync on a GPU
+    target_logit = scaled_logits.masked_fill(~is_target, 0.0).sum(dim=1)
     # logsumexp over the non-target logits gives log(1 - p_y) exactly; computing 1 - p_y from probabilities
     # rounds to 0 for a confident network and its log becomes -inf (the official code's log of summed
     # probabilities has this problem).

@@ -16,8 +16,10 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from kd_experiments.callbacks import NonFiniteWatch
 from kd_experiments.errors import UserError
+from kd_experiments.fast_path import FastPath
 from kd_experiments.methods.compose import LossWeights, Objectives
-from kd_experiments.models.features import extract_features
+from kd_experiments.models.features import NetworkOutput, extract_features
+from kd_experiments.output_cache import TeacherOutputCache
 from kd_experiments.teachers import Teacher
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
@@ -48,6 +50,8 @@ class DistillationModule(pl.LightningModule):
         scheduler_interval: str = "epoch",
         teacher: Teacher | nn.Module | None = None,
         clip_scaled_gradients: bool = False,
+        output_cache: TeacherOutputCache | None = None,
+        fast_path: FastPath | None = None,
     ):
         super().__init__()
         if set(loss_weights.terms) != set(method.terms):
@@ -70,8 +74,14 @@ class DistillationModule(pl.LightningModule):
         self.teacher_input = (teacher.input if teacher is not None else None) or nn.Identity()
         self.teacher_identity = dict(teacher.identity) if teacher is not None else {}
         self.clip_scaled_gradients = clip_scaled_gradients
+        self.output_cache = output_cache
+        # Training batches whose teacher outputs were computed / read from the cache (this rank).
+        self.teacher_batches = {"computed": 0, "read": 0}
 
-        self.train_means = nn.ModuleDict({name: MeanMetric() for name in (*method.terms, "loss")})
+        # nan_strategy "disable": the default checks every update for NaN with a host sync (a stalled GPU
+        # each step); NonFiniteWatch finds non-finite terms on the device instead.
+        means = {name: MeanMetric(nan_strategy="disable") for name in (*method.terms, "loss")}
+        self.train_means = nn.ModuleDict(means)
         self.nonfinite_watch = NonFiniteWatch(method.terms)
         self.val_top1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
         self.val_top5 = MulticlassAccuracy(num_classes, top_k=min(5, num_classes), average="micro")
@@ -82,6 +92,9 @@ class DistillationModule(pl.LightningModule):
         self.teacher_top1: float | None = None  # measured once, at the first real validation
         self.validation_history: list[dict] = []
         self._measuring_teacher = False
+        # channels_last and torch.compile (fast_path.py): applied to the networks once, here.
+        self.fast_path = fast_path or FastPath()
+        self.fast_path.install(self)
 
     @property
     def teacher(self) -> nn.Module | None:
@@ -97,14 +110,11 @@ class DistillationModule(pl.LightningModule):
         return self.student(images)
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
-        images, targets = batch
-        teacher_out = None
-        if self.method.teacher_features:
-            # no_grad, not inference_mode: a loss may save teacher tensors for its backward. The teacher
-            # runs first, so its activations are freed before the student's autograd graph holds memory.
-            with torch.no_grad():
-                teacher_images = self.teacher_input(images)
-                teacher_out = extract_features(self.teacher, teacher_images, self.method.teacher_features)
+        images, targets = batch[0], batch[1]
+        sample_keys = batch[2] if len(batch) > 2 else None  # B x 5 on the CPU (data/sampling.py)
+        # The teacher runs (or its outputs are read) first, so its activations are freed before the
+        # student's autograd graph holds memory.
+        teacher_out = self.teacher_outputs(images, sample_keys) if self.method.teacher_features else None
         student_out = extract_features(self.student, images, self.method.student_features)
         terms = self.method(student_out, teacher_out, targets)
         self.nonfinite_watch.update(terms, self.global_step)
@@ -112,13 +122,39 @@ class DistillationModule(pl.LightningModule):
         loss = sum(weights[name] * value for name, value in terms.items())
 
         batch_size = images.shape[0]
+        # The weight as a device tensor made by a fill: a Python number would be copied to the device on every
+        # update, and a host-to-device copy waits for the GPU. Nothing in this loop reads a value back.
+        weight = torch.full((), batch_size, dtype=torch.float32, device=loss.device)
         for name, value in (*terms.items(), ("loss", loss)):  # the terms unweighted, the loss weighted
             value = value.detach()
             self.log(f"train/{name}", value, on_step=True, on_epoch=False, prog_bar=name == "loss")
             # Epoch means go through torchmetrics so that they reduce correctly across DDP ranks.
-            self.train_means[name].update(value, weight=batch_size)
+            self.train_means[name].update(value, weight=weight)
             self.log(f"train/{name}_epoch", self.train_means[name], on_step=False, on_epoch=True)
         return loss
+
+    def teacher_outputs(self, images: torch.Tensor, sample_keys: torch.Tensor | None) -> NetworkOutput:
+        """The teacher features the method reads for this batch: read from the teacher-output cache when it
+        holds every sample of the batch, otherwise computed (and stored, when the cache writes this epoch).
+        no_grad, not inference_mode: a loss may save teacher tensors for its backward."""
+        cache = self.output_cache if sample_keys is not None else None
+        if cache is not None:
+            stored = cache.read(sample_keys)
+            if stored is not None:
+                self.teacher_batches["read"] += 1
+                return stored.to(images.device)
+        with torch.no_grad():
+            output = extract_features(self.teacher, self.teacher_input(images), self.method.teacher_features)
+        self.teacher_batches["computed"] += 1
+        if cache is not None:
+            cache.write(sample_keys, output)
+        return output
+
+    def on_train_epoch_start(self) -> None:
+        if self.output_cache is not None:
+            sampler = getattr(self.trainer.train_dataloader, "sampler", None)
+            rank, world_size = self.trainer.global_rank, self.trainer.world_size
+            self.output_cache.begin_epoch(self.current_epoch, len(sampler), rank, world_size)
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         if (self.global_step % self.trainer.log_every_n_steps == 0) or self.trainer.fit_loop.epoch_loop.done:
@@ -126,6 +162,8 @@ class DistillationModule(pl.LightningModule):
 
     def on_train_epoch_end(self) -> None:
         self.nonfinite_watch.raise_if_nonfinite(self.global_step)
+        if self.output_cache is not None:
+            self.output_cache.end_epoch()  # published only once its epoch trained without an error
 
     def on_fit_start(self) -> None:
         """Every rank takes global rank zero's teacher top-1: only rank zero runs the reference check, and
@@ -286,6 +324,7 @@ class DistillationModule(pl.LightningModule):
         checkpoint["validation_history"] = list(self.validation_history)
         checkpoint["teacher_top1"] = self.teacher_top1
         checkpoint["val_images"] = self.val_images
+        checkpoint["teacher_batches"] = dict(self.teacher_batches)
         logger = self.trainer.logger if self._trainer is not None else None
         checkpoint["logger_run_id"] = str(logger.version) if logger is not None else None
 
@@ -294,3 +333,4 @@ class DistillationModule(pl.LightningModule):
         if checkpoint.get("teacher_top1") is not None:
             self.teacher_top1 = checkpoint["teacher_top1"]
         self.val_images = checkpoint.get("val_images", self.val_images)
+        self.teacher_batches = dict(checkpoint.get("teacher_batches", self.teacher_batches))

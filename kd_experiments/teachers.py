@@ -11,28 +11,37 @@ import hashlib
 import json
 import logging
 import os
+import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.utilities import rank_zero_only
+from rich.console import Console
+from rich.progress import track
 from torch import nn
 
-from kd_experiments.callbacks import top1_on
 from kd_experiments.data.base import ClassificationData, Renormalize
+from kd_experiments.data.sampling import STATISTICS_EPOCH, STATISTICS_SEED, VALIDATION_EPOCH, validation_keys
 from kd_experiments.distributed import local_device
 from kd_experiments.errors import UserError
 from kd_experiments.files import atomic_torch_save, atomic_write_text, exclusive_lock
 from kd_experiments.models import create_model
+from kd_experiments.models.features import NetworkOutput, extract_features
+from kd_experiments.output_cache import TeacherOutputCache, cache_folder
 
 log = logging.getLogger(__name__)
 
-CACHE_FORMAT = 1  # bump when the cached file layout or the training code changes meaning
+# Bump when the cached file layout or the training code changes meaning. 2: training batches come from
+# per-sample seeded augmentation (data/sampling.py), so a teacher trained before differs.
+CACHE_FORMAT = 2
 # Keys of the data config that do not change what a teacher learns.
-DATA_KEYS_IGNORED_BY_CACHE = {"num_workers", "eval_batch_size", "download", "how_to_get", "pin_memory"}
+DATA_KEYS_IGNORED_BY_CACHE = {
+    "num_workers", "eval_batch_size", "download", "how_to_get", "pin_memory", "normalize_on_device"
+}  # fmt: skip
 CACHE_WAIT_ENV = "KD_CACHE_WAIT_S"  # how long a rank > 0 waits for rank zero's cache files
 CACHE_WAIT_DEFAULT_S = 24 * 3600  # rank zero may be training a teacher, which can take hours
 CACHE_POLL_S = 2.0
@@ -386,27 +395,39 @@ def prepare_teacher_statistics(
     dataset_cfg: DictConfig,
     datamodule: ClassificationData,
     cache_dir: str,
+    output_cache_dtype: str | None = None,
 ) -> None:
     """Give every objective that declares `statistics_name` its teacher statistics (ND's class centres,
     LSHFM's hash bias): from the cache when this teacher (its cache key), data config and statistic were
     seen before, otherwise computed in one eval-mode pass over the training split and cached. A cache entry
     of another teacher or data set can never match, since both are in the key. Only global rank zero
-    computes; other ranks wait for its file (see `wait_for_files`)."""
+    computes; other ranks wait for its file (see `wait_for_files`). With `output_cache_dtype` (the run's
+    teacher.output_cache is on) the pass's teacher outputs go through the teacher-output cache too, so a
+    second statistic of the same teacher reads them instead of running it."""
     for objective in method.modules():
         if getattr(objective, "statistics_name", None) is None:
             continue
         path = _statistics_path(objective.statistics_name, teacher, dataset_cfg, cache_dir)
         what = f"teacher statistics {objective.statistics_name}"
+        output_cache = None
+        if output_cache_dtype is not None:
+            features = objective.statistics_features
+            folder = cache_folder(
+                cache_dir, teacher.cache_key, teacher.network, dataset_cfg, features,
+                seed=STATISTICS_SEED, precision="32-true", dtype=output_cache_dtype,
+            )  # fmt: skip
+            output_cache = TeacherOutputCache(folder, features, output_cache_dtype)
+        arguments = (objective, teacher, datamodule, path, output_cache)
         if not _is_rank_zero():
             wait_for_files([path], what)
-            statistics = _statistics_cached_or_computed(objective, teacher, datamodule, path)
+            statistics = _statistics_cached_or_computed(*arguments)
         else:
             with cache_lock(path, what):  # two runs needing one statistic compute it once
-                statistics = _statistics_cached_or_computed(objective, teacher, datamodule, path)
+                statistics = _statistics_cached_or_computed(*arguments)
         objective.set_teacher_statistics(statistics)
 
 
-def _statistics_cached_or_computed(objective, teacher: Teacher, datamodule, path: Path) -> dict:
+def _statistics_cached_or_computed(objective, teacher: Teacher, datamodule, path: Path, output_cache) -> dict:
     statistics = _read_cached_statistics(path)
     if statistics is not None:
         log.info(f"Teacher statistics {objective.statistics_name}: reusing {path}")
@@ -414,18 +435,70 @@ def _statistics_cached_or_computed(objective, teacher: Teacher, datamodule, path
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     started = time.perf_counter()
     network = teacher.network.to(device)
+    counts = {"computed": 0, "read": 0}
+    batches = statistics_batches(
+        datamodule, teacher, objective.statistics_features, device, output_cache, counts
+    )
     with torch.no_grad():
-        statistics = objective.compute_teacher_statistics(
-            network, _statistics_batches(datamodule, teacher.input, device)
-        )
+        statistics = objective.compute_teacher_statistics(network, batches)
+    batches.close()  # an objective that stopped early (LSHFM's zero bias) leaves the pass unpublished
     network.cpu()
     statistics = {name: value.cpu() for name, value in statistics.items()}
     atomic_torch_save(statistics, path)
+    batches_read = f", teacher outputs of {counts['read']} of {sum(counts.values())} batches read"
+    read = batches_read if output_cache is not None else ""
     log.info(
         f"Teacher statistics {objective.statistics_name}: computed in "
-        f"{time.perf_counter() - started:.2f}s on {device}, cached at {path}"
+        f"{time.perf_counter() - started:.2f}s on {device}{read}, cached at {path}"
     )
     return statistics
+
+
+def statistics_batches(
+    datamodule: ClassificationData,
+    teacher: Teacher,
+    features: frozenset[str],
+    device: torch.device,
+    output_cache: TeacherOutputCache | None = None,
+    counts: dict | None = None,
+) -> Iterator[tuple[NetworkOutput, torch.Tensor]]:
+    """(teacher `features`, labels) per batch of one plain pass over the training split (no repeats, no
+    Mixup; seeded as the statistics pass, `STATISTICS_SEED`, so the statistics are the teacher's and the
+    data's, the same for every run seed), in the teacher's normalisation and eval mode, with a progress
+    bar. Outputs come from `output_cache` where it holds them; the pass is published to it only when it
+    was read to the end."""
+    counts = counts if counts is not None else {"computed": 0, "read": 0}
+    loader = datamodule.statistics_dataloader(seed=STATISTICS_SEED)
+    teacher.network.eval()
+    if teacher.input is not None:
+        teacher.input.to(device)
+    if output_cache is not None:
+        output_cache.begin_epoch(STATISTICS_EPOCH, len(loader.sampler))
+    try:
+        for images, labels, keys in progress(loader, "Teacher statistics"):
+            output = output_cache.read(keys) if output_cache is not None else None
+            if output is None:
+                with torch.no_grad():
+                    output = extract_features(teacher.network, teacher.prepare(images.to(device)), features)
+                counts["computed"] += 1
+                if output_cache is not None:
+                    output_cache.write(keys, output)
+            else:
+                counts["read"] += 1
+            yield output.to(device), labels.to(device)
+        if output_cache is not None:
+            output_cache.end_epoch()
+    finally:
+        if output_cache is not None:
+            output_cache.discard()
+
+
+def progress(iterable, description: str):
+    """`iterable` with a rich progress bar on an interactive terminal (global rank zero only); plain
+    otherwise, so that logs and tests get no bar."""
+    if not (sys.stderr.isatty() and _is_rank_zero()):
+        return iterable
+    return track(iterable, description=description, transient=True, console=Console(stderr=True))
 
 
 def _read_cached_statistics(path: Path) -> dict | None:
@@ -492,16 +565,12 @@ def wait_for_files(paths: list[Path], what: str, timeout_s: float | None = None)
         missing = [path for path in missing if not path.is_file()]
 
 
-def _statistics_batches(datamodule: ClassificationData, teacher_input: nn.Module | None, device):
-    """One plain pass over the training split (no repeats, no Mixup), in the teacher's normalisation."""
-    loader = datamodule.statistics_dataloader()
-    if teacher_input is None:
-        return loader
-    teacher_input = teacher_input.to(device)
-    return ((teacher_input(images.to(device)), labels) for images, labels in loader)
-
-
-def check_teacher_reference(teacher: Teacher, teacher_cfg: DictConfig, datamodule: ClassificationData):
+def check_teacher_reference(
+    teacher: Teacher,
+    teacher_cfg: DictConfig,
+    datamodule: ClassificationData,
+    output_cache: TeacherOutputCache | None = None,
+):
     """Score the teacher on the validation split before distilling when its published top-1 is known
     (`teacher.reference_top1`); warn loudly when it is more than `reference_tolerance` points below.
     Returns the measured top-1 (%), or None when there is no reference. Under DDP only global rank zero
@@ -511,9 +580,14 @@ def check_teacher_reference(teacher: Teacher, teacher_cfg: DictConfig, datamodul
     if reference is None or not _is_rank_zero():
         return None
     device = local_device()
-    prepare = teacher.input.to(device) if teacher.input is not None else None  # its own normalisation
-    top1 = top1_on(teacher.network.to(device), datamodule.whole_val_dataloader(), device, prepare)
+    if teacher.input is not None:
+        teacher.input.to(device)
+    counts = {"computed": 0, "read": 0}
+    top1 = teacher_val_top1(teacher, datamodule, device, output_cache, counts)
     teacher.network.cpu()
+    if output_cache is not None:
+        read, total = counts["read"], sum(counts.values())
+        log.info(f"Teacher check: logits of {read} of {total} batches read from {output_cache.folder}")
     tolerance = teacher_cfg.get("reference_tolerance", 2.0)
     if top1 < reference - tolerance:
         log.warning(
@@ -524,3 +598,39 @@ def check_teacher_reference(teacher: Teacher, teacher_cfg: DictConfig, datamodul
     else:
         log.info(f"Teacher check: {top1:.2f}% on {datamodule.name} val (reference {reference:.2f}%)")
     return top1
+
+
+def teacher_val_top1(
+    teacher: Teacher,
+    datamodule: ClassificationData,
+    device,
+    output_cache: TeacherOutputCache | None = None,
+    counts: dict | None = None,
+) -> float:
+    """The teacher's top-1 (%) over the whole validation split, with a progress bar; its logits read from
+    `output_cache` (the validation pass: no augmentation, so one entry serves every seed) where it holds
+    them, and stored there otherwise."""
+    counts = counts if counts is not None else {"computed": 0, "read": 0}
+    network = teacher.network.to(device).eval()
+    loader = datamodule.whole_val_dataloader()
+    if output_cache is not None:
+        output_cache.begin_epoch(VALIDATION_EPOCH, len(loader.dataset))
+    correct = total = 0
+    try:
+        for images, targets in progress(loader, "Teacher check"):
+            keys = validation_keys(total, len(targets))
+            output = output_cache.read(keys) if output_cache is not None else None
+            counts["read" if output is not None else "computed"] += 1
+            if output is None:
+                with torch.no_grad():
+                    output = NetworkOutput(logits=network(teacher.prepare(images.to(device))))
+                if output_cache is not None:
+                    output_cache.write(keys, output)
+            correct += (output.logits.argmax(1).cpu() == targets).sum().item()
+            total += len(targets)
+        if output_cache is not None:
+            output_cache.end_epoch()
+    finally:
+        if output_cache is not None:
+            output_cache.discard()
+    return 100.0 * correct / max(total, 1)

@@ -38,14 +38,17 @@ from kd_experiments.callbacks import (
     progress_bar,
 )
 from kd_experiments.data.base import ClassificationData
+from kd_experiments.data.sampling import STATISTICS_SEED
 from kd_experiments.distributed import end_previous_job  # importing it fixes Lightning's DDP child command
 from kd_experiments.errors import UserError
+from kd_experiments.fast_path import FastPath
 from kd_experiments.files import atomic_write_json, atomic_write_text, require_writable
 from kd_experiments.loggers import finish_logger
 from kd_experiments.methods.compose import LossWeights, Objectives
 from kd_experiments.models import built_name
 from kd_experiments.models.features import has_distill_head
 from kd_experiments.module import DistillationModule
+from kd_experiments.output_cache import TeacherOutputCache, cache_folder, check_cacheable, check_storage_dtype
 from kd_experiments.reporting import ReportProtocol, print_result_table
 from kd_experiments.resume import (
     AtomicCheckpointIO,
@@ -110,6 +113,7 @@ def _phases(cfg: DictConfig, output_dir: Path, start: RunStart, paper: dict | No
     """The run's phases in order, cheap checks first: a config mistake stops the run in seconds, before a
     teacher is trained or downloaded and before any statistics pass."""
     _check_run_numbers(cfg)
+    FastPath.from_config(cfg)  # a bad channels_last / compile value stops the run before any work
     torch.set_float32_matmul_precision(cfg.get("matmul_precision", "highest"))
     protocol = ReportProtocol.from_config(cfg)
     datamodule = data_phase(cfg)
@@ -139,6 +143,7 @@ def data_phase(cfg: DictConfig) -> ClassificationData:
     end_previous_job()  # a sweep's earlier job in this process may have left a DDP process group
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule: ClassificationData = build(cfg.dataset, "dataset")
+    datamodule.augmentation_seed = cfg.seed  # the training order and each sample's augmentation
     datamodule.prepare_data()
     datamodule.setup("fit")
     check_class_counts(cfg, datamodule)
@@ -181,6 +186,12 @@ def teacher_phase(
     uses_cache = teacher_weight_source(cfg.teacher) == "train" or any(
         objective.statistics_name for objective in parts.method.objectives.values()
     )
+    output_dtype = None  # the teacher-output cache's storage dtype, when it is on
+    if cfg.teacher.get("output_cache") and parts.method.teacher_features:
+        check_cacheable(parts.method.teacher_features, cfg.method.name)
+        output_dtype = cfg.teacher.get("output_cache_dtype", "float16")
+        check_storage_dtype(output_dtype)
+        uses_cache = True
     if uses_cache:  # known now, not after a teacher has trained for minutes
         require_writable(Path(cfg.paths.teacher_cache_dir), "paths.teacher_cache_dir")
     cache_dir = cfg.paths.teacher_cache_dir
@@ -188,13 +199,24 @@ def teacher_phase(
         teacher = build_teacher(
             cfg.teacher, cfg.dataset, datamodule, cache_dir, parts.teacher_network, train_teacher_with_ce
         )
-        reference_top1 = check_teacher_reference(teacher, cfg.teacher, datamodule)  # global rank 0 only
-        prepare_teacher_statistics(parts.method, teacher, cfg.dataset, datamodule, cache_dir)
+        validation_cache = None
+        if output_dtype is not None:  # the validation pass is not augmented: one entry serves every seed
+            features = frozenset({"logits"})
+            folder = cache_folder(
+                cache_dir, teacher.cache_key, teacher.network, cfg.dataset, features,
+                seed=STATISTICS_SEED, precision="32-true", dtype=output_dtype,
+            )  # fmt: skip
+            validation_cache = TeacherOutputCache(folder, features, output_dtype)
+        # global rank 0 only
+        reference_top1 = check_teacher_reference(teacher, cfg.teacher, datamodule, validation_cache)
+        prepare_teacher_statistics(parts.method, teacher, cfg.dataset, datamodule, cache_dir, output_dtype)
     return teacher, reference_top1
 
 
 def module_phase(cfg, datamodule, parts: RunParts, teacher: Teacher, teacher_top1) -> DistillationModule:
     optimizer, scheduler, scheduler_interval = parts.optimization
+    fast_path = FastPath.from_config(cfg)  # channels_last and compile (fast_path.py)
+    fast_path.check_data(datamodule.train_set[0][0], datamodule.name)
     module = DistillationModule(
         student=parts.student,
         method=parts.method,
@@ -205,11 +227,32 @@ def module_phase(cfg, datamodule, parts: RunParts, teacher: Teacher, teacher_top
         num_classes=datamodule.num_classes,
         teacher=teacher,
         clip_scaled_gradients=bool(cfg.get("clip_scaled_gradients", False)),
+        output_cache=_output_cache(cfg, parts, teacher),
+        fast_path=fast_path,
     )
     # Measured already (the reference check, on global rank 0; the module broadcasts it when fit starts): the
     # first validation reuses it.
     module.teacher_top1 = teacher_top1
     return module
+
+
+def _output_cache(cfg: DictConfig, parts: RunParts, teacher: Teacher) -> TeacherOutputCache | None:
+    """The teacher-output cache of this run (`teacher.output_cache=true`), when the method reads a teacher."""
+    features = parts.method.teacher_features
+    if not cfg.teacher.get("output_cache") or not features:
+        return None
+    dtype = cfg.teacher.get("output_cache_dtype", "float16")
+    folder = cache_folder(
+        cfg.paths.teacher_cache_dir,
+        teacher.cache_key,
+        teacher.network,
+        cfg.dataset,
+        features,
+        seed=cfg.seed,
+        precision=cfg.trainer.get("precision", "32-true"),
+        dtype=dtype,
+    )
+    return TeacherOutputCache(folder, features, dtype)
 
 
 class RunCallbacks:
@@ -255,7 +298,11 @@ def fit_phase(cfg, trainer: pl.Trainer, module, datamodule, checkpoint, preempti
         if logger:
             logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
         with preemption.signals(trainer):
-            trainer.fit(module, datamodule=datamodule, ckpt_path=checkpoint)
+            try:
+                trainer.fit(module, datamodule=datamodule, ckpt_path=checkpoint)
+            finally:  # an epoch of teacher outputs that did not end (an error, a signal) is not published
+                if module.output_cache is not None:
+                    module.output_cache.discard()
     except SIGTERMException:
         signum = preemption.signum or signal.SIGTERM
         saved = f"that step is saved in {preemption.saved}; " if preemption.saved else ""
@@ -290,10 +337,20 @@ def report_phase(cfg, protocol: ReportProtocol, module, trainer, callbacks: RunC
         "epochs": trainer.current_epoch,
         "steps": trainer.global_step,
         "train_images_per_s": round(throughput, 1) if throughput else None,
+        # Whether the teacher ran or its outputs were read (teacher.output_cache), in training batches.
+        "teacher_outputs": _teacher_outputs_summary(module),
         "best_checkpoint": (best_checkpoint.best_model_path or None) if best_checkpoint else None,
         "last_checkpoint": (last_checkpoint.best_model_path or None) if last_checkpoint else None,
         "history": epoch_history(callbacks.epochs.records, module.validation_history),
     }
+
+
+def _teacher_outputs_summary(module: DistillationModule) -> dict | None:
+    if not module.method.teacher_features:
+        return None
+    counts = {f"{how}_batches": count for how, count in module.teacher_batches.items()}
+    cache = module.output_cache
+    return {"cache": cache.summary() if cache is not None else None, **counts}
 
 
 def _output_dir(cfg: DictConfig) -> Path:

@@ -32,7 +32,7 @@ def test_digits_split_is_fixed_stratified_and_seed_independent():
 def test_digits_resize_and_channels_for_any_model():
     data = DigitsData(image_size=32, channels=3)
     data.setup()
-    images, labels = next(iter(data.train_dataloader()))
+    images, labels, _keys = next(iter(data.train_dataloader()))
     assert images.shape == (64, 3, 32, 32) and labels.dtype == torch.int64
     assert data.train_set.max_shift == 4  # 1 pixel of the 8x8 original, scaled to 32x32
     # train split is standardised with its own statistics
@@ -60,7 +60,7 @@ def test_non_positive_batch_size_is_rejected(bad):
 def test_fake_data_shapes_and_keys():
     data = FakeData(batch_size=8, num_classes=100, image_size=24, channels=3, train_length=40, val_length=16)
     data.setup()
-    images, labels = next(iter(data.train_dataloader()))
+    images, labels, _keys = next(iter(data.train_dataloader()))
     assert images.shape == (8, 3, 24, 24) and int(labels.max()) < 100
     assert len(data.train_set) == 40 and len(data.val_set) == 16
     assert len(data.train_dataloader()) == 5

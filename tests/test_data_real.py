@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from kd_experiments.data.cifar import STATISTICS, CIFARData
+from kd_experiments.data.digits import DigitsData
 from kd_experiments.data.imagefolder import ImageFolderData
 from kd_experiments.errors import UserError
 from tests.conftest import run_cli, run_main_in_process
@@ -119,7 +120,7 @@ def test_image_folder_counts_classes_and_uses_timm_transforms(tmp_path):
     data = ImageFolderData(root=str(tmp_path), num_classes=None, image_size=32, batch_size=4, num_workers=0)
     data.setup("fit")
     assert data.num_classes == 3 and data.train_set.classes == ["cat", "dog", "fox"]
-    images, labels = next(iter(data.train_dataloader()))
+    images, labels, _keys = next(iter(data.train_dataloader()))
     assert images.shape == (4, 3, 32, 32)
     # eval: resize the short side to 32 / 0.875 = 36, centre-crop 32, ImageNet normalisation
     eval_names = [type(t).__name__ for t in data.val_set.transform.transforms]
@@ -157,11 +158,19 @@ def test_mixup_gives_soft_targets_only_in_training(tmp_path):
     data.setup("fit")
     batch = next(iter(data.train_dataloader()))
     data.trainer = SimpleNamespace(training=True)
-    images, targets = data.on_after_batch_transfer((batch[0].clone(), batch[1]), 0)
+
+    def mixed():
+        copy = data.on_before_batch_transfer([batch[0].clone(), batch[1], batch[2]], 0)
+        return data.on_after_batch_transfer(copy, 0)
+
+    images, targets, keys = mixed()
     assert targets.shape == (4, 3) and targets.dtype == torch.float32
     torch.testing.assert_close(targets.sum(1), torch.ones(4))
     assert targets.max() < 1.0  # smoothed (and mixed)
-    assert not torch.equal(images, batch[0])
+    assert not torch.equal(images, batch[0]) and torch.equal(keys, batch[2])
+    # the batch's Mixup / CutMix draws come from its keys: mixing it again gives the same images
+    again_images, again_targets, _ = mixed()
+    assert torch.equal(again_images, images) and torch.equal(again_targets, targets)
     data.trainer = SimpleNamespace(training=False)
     unchanged = data.on_after_batch_transfer(batch, 0)
     assert unchanged[1].dtype == torch.int64
@@ -181,14 +190,16 @@ def test_repeated_augmentation_draws_each_image_three_times_across_the_ranks(tmp
         # a DistributedSampler to Lightning, which therefore does not shard it a second time
         assert isinstance(loader.sampler, DistributedSampler) and loader.sampler.num_replicas == 2
         loader.sampler.set_epoch(5)
-        shards.append(list(loader.sampler))
+        keys = list(loader.sampler)  # (epoch, rank, index, copy, position)
+        assert [key[4] for key in keys] == list(range(len(keys))) and {key[:2] for key in keys} == {(5, rank)}
+        shards.append([key[2] for key in keys])
     assert [len(shard) for shard in shards] == [6, 6]  # an epoch is as long as a plain one: 12 / 2 ranks
     drawn = shards[0] + shards[1]
     # 4 images, each drawn 3 times, and each of them seen by both ranks
     assert sorted(drawn.count(index) for index in set(drawn)) == [3, 3, 3, 3]
     assert set(shards[0]) == set(shards[1])
     # teacher statistics take one plain pass: every image once, in order
-    assert list(data.statistics_dataloader().sampler) == list(range(12))
+    assert [key[2] for key in data.statistics_dataloader().sampler] == list(range(12))
     with pytest.raises(UserError, match="repeated_augmentation must be 0"):
         ImageFolderData(root=str(tmp_path), image_size=32, repeated_augmentation=-1)
 
@@ -297,3 +308,42 @@ def test_cifar_batches_give_the_pixels_and_labels_they_hold(tmp_path):
     # row 0 of data_batch_1 is channel-major: its first 1024 bytes are the red plane
     np.testing.assert_array_equal(data.train_set.data[0, :, :, 0].reshape(-1), first["data"][0, :1024])
     assert data.train_set.targets[:2] == first["labels"] and data.train_set.classes[3] == "class3"
+
+
+def test_normalize_on_device_gives_the_floats_the_loader_would_have_made(tmp_path):
+    write_cifar(tmp_path, "cifar100")
+    on_cpu, on_device = (
+        CIFARData(root=str(tmp_path), batch_size=8, num_workers=0, normalize_on_device=flag)
+        for flag in (False, True)
+    )
+    for data in (on_cpu, on_device):
+        data.setup("fit")
+    for loader in ("train_dataloader", "val_dataloader"):
+        floats = next(iter(getattr(on_cpu, loader)()))
+        raw = next(iter(getattr(on_device, loader)()))
+        assert raw[0].dtype == torch.uint8  # a quarter of the bytes cross to the device
+        normalised = on_device.on_after_batch_transfer(raw, 0)
+        # the same crop and flip (the same keys) and the same arithmetic: equal to the last bit
+        assert torch.equal(normalised[0], floats[0]) and torch.equal(normalised[1], floats[1])
+    with pytest.raises(UserError, match="normalize_on_device applies to data sets of image files"):
+        DigitsData(normalize_on_device=True)
+
+
+def test_random_erasing_moves_to_the_device_and_draws_from_the_batch_keys(tmp_path):
+    write_image_tree(tmp_path)
+    data = ImageFolderData(root=str(tmp_path), image_size=32, batch_size=4, num_workers=0, re_prob=1.0,
+                           normalize_on_device=True)  # fmt: skip
+    data.setup("fit")
+    assert "RandomErasing" not in [type(t).__name__ for t in data.train_set.transform.transforms]
+    batch = next(iter(data.train_dataloader()))
+    assert batch[0].dtype == torch.uint8
+    data.trainer = SimpleNamespace(training=True)
+
+    def on_device():
+        copy = data.on_before_batch_transfer([batch[0].clone(), batch[1], batch[2]], 0)
+        return data.on_after_batch_transfer(copy, 0)[0]
+
+    erased = on_device()
+    plain = data.normalize(batch[0])
+    assert erased.dtype == torch.float32 and not torch.equal(erased, plain)  # every image had a box erased
+    assert torch.equal(on_device(), erased)  # the same keys, the same boxes and noise

@@ -1,6 +1,6 @@
 """The headline command, `python -m kd_experiments method=vkd student=deit_ti`, as written (the full
 default schedule, nothing reduced): a DeiT-Ti fitted to the 8 px digits, distilled with VkD, reaches at
-least 80% top-1 over seeds 0 and 1.
+least 80% top-1 with seed 0 and with seed 1.
 
 Validating 1,438 images (every 5 epochs and after the last) costs as much as a good part of the training,
 and it never changes the training: the validation loader draws the same one seed from the global RNG
@@ -10,8 +10,8 @@ which is the number the command as written prints (checked: after 10 epochs the 
 bit-identical with and without `limit_val_batches=1`)."""
 
 import json
-import statistics
 
+import pytest
 import torch
 from hydra.utils import instantiate
 
@@ -34,19 +34,17 @@ def top1_of_last_checkpoint(cfg, run_dir) -> float:
     return top1_on(student, data.val_dataloader(), torch.device("cpu"))
 
 
-def test_vkd_deit_ti_on_the_defaults_reaches_80_percent(project_dir, tmp_path):
-    top1 = []
-    for seed in (0, 1):
-        out = tmp_path / f"vkd{seed}"
-        cfg = compose_config(
-            "method=vkd", "student=deit_ti", f"seed={seed}", "logger=none",
-            f"paths.root_dir={project_dir}",  # reuse the session's cached teacher
-            f"paths.output_dir={out}", "++trainer.enable_progress_bar=false",
-            "++trainer.enable_model_summary=false", "++trainer.limit_val_batches=1",
-        )  # fmt: skip
-        train(cfg)
-        summary = json.loads((out / "summary.json").read_text())
-        assert summary["status"] == "completed" and summary["epochs"] == 150
-        assert summary["student"] == "deit_tiny_distilled_patch4_8" and summary["teacher_source"] == "cache"
-        top1.append(top1_of_last_checkpoint(cfg, out))
-    assert statistics.mean(top1) >= 80.0, top1
+@pytest.mark.parametrize("seed", [0, 1])  # one test per seed: two pytest workers run them side by side
+def test_vkd_deit_ti_on_the_defaults_reaches_80_percent(project_dir, tmp_path, seed):
+    out = tmp_path / f"vkd{seed}"
+    cfg = compose_config(
+        "method=vkd", "student=deit_ti", f"seed={seed}", "logger=none",
+        f"paths.root_dir={project_dir}",  # reuse the session's cached teacher
+        f"paths.output_dir={out}", "++trainer.enable_progress_bar=false",
+        "++trainer.enable_model_summary=false", "++trainer.limit_val_batches=1",
+    )  # fmt: skip
+    train(cfg)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["epochs"] == 150
+    assert summary["student"] == "deit_tiny_distilled_patch4_8" and summary["teacher_source"] == "cache"
+    assert top1_of_last_checkpoint(cfg, out) >= 80.0

@@ -25,21 +25,22 @@ FEATURES = frozenset({"logits", "embedding"})
 
 
 def teacher_and_loader(batch_size: int = 64):
-    """A (randomly initialised) digits teacher, 256-d embedding, and a loader over the 898 training images
-    without augmentation, so a test can recompute exactly what the statistics pass saw."""
+    """A (randomly initialised) digits teacher, 256-d embedding, and its outputs over the training images
+    without augmentation, batch by batch, so a test can recompute exactly what the statistics pass saw."""
     torch.manual_seed(0)
     data = DigitsData()
     data.setup()
     images, labels = data.train_set.tensors
     loader = DataLoader(TensorDataset(images, labels), batch_size=batch_size, shuffle=False)
-    return create_model("convnet_wide", num_classes=10, in_chans=1).eval(), loader
-
-
-def teacher_embeddings(teacher, loader) -> torch.Tensor:
+    teacher = create_model("convnet_wide", num_classes=10, in_chans=1).eval()
+    # What the framework hands compute_teacher_statistics: the teacher's embedding and the labels per batch.
     with torch.no_grad():
-        return torch.cat(
-            [extract_features(teacher, x, frozenset({"embedding"})).embedding for x, _ in loader]
-        )
+        batches = [(extract_features(teacher, x, frozenset({"embedding"})), y) for x, y in loader]
+    return teacher, batches
+
+
+def teacher_embeddings(teacher, batches) -> torch.Tensor:
+    return torch.cat([output.embedding for output, _ in batches])
 
 
 # ------------------------------------------------------------------------------------------------ hash layer
@@ -111,7 +112,7 @@ def test_median_bias_splits_the_training_features_in_half_for_every_hash_functio
 
 def test_zero_bias_reads_one_batch_only():
     teacher, loader = teacher_and_loader()
-    first = next(iter(loader))
+    first = loader[0]
 
     def one_batch_then_fail():
         yield first

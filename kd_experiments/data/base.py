@@ -9,6 +9,13 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
+from kd_experiments.data.sampling import (
+    STATISTICS_EPOCH,
+    KeyedSampler,
+    SeededSamples,
+    ordered_sampler,
+    shuffled_sampler,
+)
 from kd_experiments.errors import UserError
 from kd_experiments.files import exclusive_lock
 
@@ -16,9 +23,15 @@ log = logging.getLogger(__name__)
 
 
 class ClassificationData(pl.LightningDataModule):
-    """Base data module: subclasses fill `self.train_set` / `self.val_set` in `setup`."""
+    """Base data module: subclasses fill `self.train_set` / `self.val_set` in `setup`.
+
+    Training batches are (images, targets, keys): each sample's random augmentation is drawn from generators
+    seeded by `augmentation_seed` and its key (epoch, rank, index, copy, position; see `sampling.py`), so a
+    seed gives the same images with any number of workers and whether or not the teacher runs. The keys
+    stay on the CPU (`transfer_batch_to_device`); validation batches are (images, targets)."""
 
     name = "data"
+    supports_device_normalization = False  # a subclass whose transforms can stop at uint8 tensors
 
     def __init__(
         self,
@@ -31,6 +44,7 @@ class ClassificationData(pl.LightningDataModule):
         name: str | None = None,
         trains_teacher_by_default: bool = False,
         pin_memory: bool = False,
+        normalize_on_device: bool = False,
     ):
         super().__init__()
         self.name = name or self.name
@@ -50,10 +64,22 @@ class ClassificationData(pl.LightningDataModule):
         self.channels = channels
         self.num_workers = num_workers
         self.pin_memory = bool(pin_memory)  # page-locked batches: faster host-to-GPU copies
+        # Loaders yield uint8 images and the device normalises them (a quarter of the bytes to copy, no
+        # float work in the loader workers); for data sets read from image files (CIFAR, image folders).
+        self.normalize_on_device = bool(normalize_on_device)
+        if self.normalize_on_device and not self.supports_device_normalization:
+            raise UserError(
+                f"dataset.normalize_on_device applies to data sets of image files (CIFAR, image folders); "
+                f"{self.name} is held in memory as floats already: set dataset.normalize_on_device=false"
+            )
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
         # The (mean, std) per channel that the images are normalised with, where the data module knows it.
         self.normalization: tuple[tuple[float, ...], tuple[float, ...]] | None = None
+        # The seed of the training order and augmentation: the run's (train.data_phase sets it), the teacher's
+        # own while a teacher is trained on this data.
+        self.augmentation_seed = 0
+        self.train_sampler: KeyedSampler | None = None  # of the last training loader built
 
     def _loader(
         self,
@@ -74,8 +100,49 @@ class ClassificationData(pl.LightningDataModule):
             drop_last=drop_last,
         )
 
+    def _rank_and_size(self) -> tuple[int, int]:
+        trainer = self.trainer
+        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+
+    def train_order(self, rank: int, world_size: int) -> Sampler:
+        """This rank's training indices of an epoch (after `set_epoch`): a fresh permutation per epoch."""
+        return shuffled_sampler(self.train_set, self.augmentation_seed, rank, world_size)
+
+    def drops_last_train_batch(self) -> bool:
+        return False
+
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, self.batch_size, shuffle=True)
+        rank, world_size = self._rank_and_size()
+        self.train_sampler = KeyedSampler(self.train_order(rank, world_size), rank, world_size)
+        return self._loader(
+            SeededSamples(self.train_set, self.augmentation_seed),
+            self.batch_size,
+            shuffle=False,
+            drop_last=self.drops_last_train_batch(),
+            sampler=self.train_sampler,
+        )
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        """With `normalize_on_device`, the uint8 images become the normalised floats the loader would have
+        made: (x / 255 - mean) / std, the same operations as ToTensor + Normalize, on the device."""
+        if self.normalize_on_device and batch[0].dtype == torch.uint8:
+            return [self.normalize(batch[0]), *batch[1:]]
+        return batch
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        mean, std = (
+            torch.tensor(values, device=images.device).view(1, -1, 1, 1) for values in self.normalization
+        )
+        return images.to(torch.float32).div(255).sub(mean).div(std)
+
+    def transfer_batch_to_device(self, batch, device, dataloader_idx: int):
+        """Images and targets to the device; a training batch's keys stay on the CPU, where the teacher-output
+        cache looks them up (on a GPU, reading them back would stall every step)."""
+        if isinstance(batch, list | tuple) and len(batch) == 3:
+            images, targets, keys = batch
+            moved = super().transfer_batch_to_device([images, targets], device, dataloader_idx)
+            return [*moved, keys]
+        return super().transfer_batch_to_device(batch, device, dataloader_idx)
 
     def val_dataloader(self) -> DataLoader:
         """The validation split; under DDP (a trainer with several processes attached) this rank's shard,
@@ -91,10 +158,18 @@ class ClassificationData(pl.LightningDataModule):
         teacher's reference check, the EMA / averaged student on rank 0)."""
         return self._loader(self.val_set, self.eval_batch_size, shuffle=False)
 
-    def statistics_dataloader(self) -> DataLoader:
-        """One plain pass over the training split (training transforms, no repeats, no Mixup), for the
-        teacher statistics that some methods precompute (ND's class centres, LSHFM's hash bias)."""
-        return self._loader(self.train_set, self.eval_batch_size, shuffle=False)
+    def statistics_dataloader(self, seed: int | None = None) -> DataLoader:
+        """One plain pass over the training split in order (training transforms, seeded as epoch
+        STATISTICS_EPOCH; no repeats, no Mixup), for the teacher statistics that some methods precompute (ND's
+        class centres, LSHFM's hash bias). Batches are (images, targets, keys)."""
+        sampler = KeyedSampler(ordered_sampler(len(self.train_set)), fixed_epoch=STATISTICS_EPOCH)
+        seed = self.augmentation_seed if seed is None else seed
+        return self._loader(
+            SeededSamples(self.train_set, seed),
+            self.eval_batch_size,
+            shuffle=False,
+            sampler=sampler,
+        )
 
 
 class ShardedEvalSampler(DistributedSampler):

@@ -97,6 +97,8 @@ class CIFARData(ClassificationData):
     together wait on a lock in `root` while the first downloads (`fetch_once`); `setup` only reads.
     """
 
+    supports_device_normalization = True
+
     def __init__(
         self,
         root: str,
@@ -128,21 +130,20 @@ class CIFARData(ClassificationData):
             padding,
         )
         mean, std = STATISTICS[variant]
-        self.normalize = transforms.Normalize(mean, std)
         self.normalization = (tuple(mean), tuple(std))
 
+    def _to_tensor(self) -> list:
+        """ToTensor + Normalize, or uint8 tensors for the device to normalise (`normalize_on_device`)."""
+        if self.normalize_on_device:
+            return [transforms.PILToTensor()]
+        return [transforms.ToTensor(), transforms.Normalize(*self.normalization)]
+
     def train_transform(self):
-        return transforms.Compose(
-            [
-                transforms.RandomCrop(32, padding=self.padding),
-                transforms.RandomHorizontalFlip(),
-                transforms.ToTensor(),
-                self.normalize,
-            ]
-        )
+        crop_and_flip = [transforms.RandomCrop(32, padding=self.padding), transforms.RandomHorizontalFlip()]
+        return transforms.Compose(crop_and_flip + self._to_tensor())
 
     def eval_transform(self):
-        return transforms.Compose([transforms.ToTensor(), self.normalize])
+        return transforms.Compose(self._to_tensor())
 
     def is_complete(self) -> bool:
         """Every batch file and the meta file of the variant are under `root` (what the loader reads)."""

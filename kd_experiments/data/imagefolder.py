@@ -12,6 +12,7 @@ from torchvision import datasets
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from kd_experiments.data.base import ClassificationData, require_path
+from kd_experiments.data.sampling import batch_seed, seeded_generators
 from kd_experiments.errors import UserError
 
 
@@ -109,6 +110,7 @@ class ImageFolderData(ClassificationData):
     """
 
     name = "imagefolder"
+    supports_device_normalization = True
 
     def __init__(
         self,
@@ -154,6 +156,8 @@ class ImageFolderData(ClassificationData):
             )
         self.repeated_augmentation = repeated_augmentation
         self.mixup = None
+        self._batch_seed = 0
+        self.device_erasing = None  # random erasing on the device (normalize_on_device with re_prob)
 
     def _class_folders(self, split: Path) -> list[Path]:
         require_path(split, f"{self.name} split", self.how_to_get)
@@ -170,7 +174,7 @@ class ImageFolderData(ClassificationData):
             self.image_size, is_training=True, scale=options["scale"], hflip=options["hflip"],
             interpolation=options["interpolation"], auto_augment=options["auto_augment"],
             re_prob=options["re_prob"], re_mode=options["re_mode"], color_jitter=options["color_jitter"],
-            mean=options["mean"], std=options["std"],
+            mean=options["mean"], std=options["std"], use_prefetcher=self.normalize_on_device,
         )  # fmt: skip
 
     def eval_transform(self):
@@ -180,6 +184,7 @@ class ImageFolderData(ClassificationData):
         return create_transform(
             self.image_size, is_training=False, interpolation=options["interpolation"],
             crop_pct=options["crop_pct"], mean=options["mean"], std=options["std"],
+            use_prefetcher=self.normalize_on_device,
         )  # fmt: skip
 
     def setup(self, stage: str | None = None) -> None:
@@ -205,21 +210,43 @@ class ImageFolderData(ClassificationData):
             from timm.data import Mixup
 
             self.mixup = Mixup(num_classes=self.num_classes, **self.mixup_options)
+        options = self.transform_options
+        if self.normalize_on_device and options["re_prob"] > 0:
+            from timm.data.random_erasing import RandomErasing
 
-    def train_dataloader(self):
-        sampler = None
-        if self.repeated_augmentation > 1:
-            world_size, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer else (1, 0)
-            sampler = RepeatedAugmentationSampler(
-                self.train_set, num_replicas=world_size, rank=rank, num_repeats=self.repeated_augmentation
-            )
-        # Mixup pairs samples within a batch and needs an even batch size: drop the ragged last batch.
-        return self._loader(
-            self.train_set, self.batch_size, shuffle=True, drop_last=self.mixup is not None, sampler=sampler
+            # timm leaves erasing out of its uint8 (prefetcher) transforms: it erases the normalised batch.
+            self.device_erasing = RandomErasing(options["re_prob"], mode=options["re_mode"], device="cpu")
+
+    def train_order(self, rank: int, world_size: int):
+        if self.repeated_augmentation <= 1:
+            return super().train_order(rank, world_size)
+        # Each image's copies get different augmentations: a copy on another rank has another key (rank).
+        return RepeatedAugmentationSampler(
+            self.train_set, num_replicas=world_size, rank=rank, num_repeats=self.repeated_augmentation
         )
 
-    def on_after_batch_transfer(self, batch, dataloader_idx: int):
-        if self.mixup is not None and self.trainer is not None and self.trainer.training:
-            images, targets = batch
-            return self.mixup(images, targets)
+    def drops_last_train_batch(self) -> bool:
+        return self.mixup is not None  # Mixup pairs samples within a batch and needs an even batch size
+
+    def on_before_batch_transfer(self, batch, dataloader_idx: int):
+        """The seed of this training batch's device-side draws (random erasing under `normalize_on_device`,
+        Mixup / CutMix), from its keys while they are on the CPU."""
+        if len(batch) == 3:
+            self._batch_seed = batch_seed(self.augmentation_seed, batch[2])
         return batch
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        """Normalise on the device (`normalize_on_device`), then for a training batch random erasing (when it
+        is not done in the loader: under `normalize_on_device`) and Mixup, drawing under the batch's seed, so
+        that a run's images are the same whether or not the teacher runs."""
+        batch = super().on_after_batch_transfer(batch, dataloader_idx)
+        if len(batch) != 3 or self.trainer is None or not self.trainer.training:
+            return batch
+        images, targets, keys = batch
+        with seeded_generators(self._batch_seed, images.device):
+            if self.device_erasing is not None:
+                self.device_erasing.device = images.device  # its noise fill is drawn where the batch is
+                images = self.device_erasing(images)
+            if self.mixup is not None:
+                images, targets = self.mixup(images, targets)
+        return [images, targets, keys]

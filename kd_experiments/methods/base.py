@@ -1,8 +1,9 @@
 """The contract between a distillation objective and the training module."""
 
+from collections.abc import Iterable
+
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
 
 from kd_experiments.errors import UserError
 from kd_experiments.models.features import NetworkOutput
@@ -48,12 +49,14 @@ class DistillationMethod(nn.Module):
         features from both networks (eval mode), to size projectors and check shapes;
       - `statistics_name` + `compute_teacher_statistics` + `set_teacher_statistics`: statistics of the
         teacher over the training split (ND's class centres, LSHFM's hash bias), computed once and cached by
-        the framework beside the teacher, keyed by the teacher's sha256, the data config and this name.
+        the framework beside the teacher, keyed by the teacher's sha256, the data config and this name;
+        `statistics_features` names the teacher features the statistics pass hands them.
     """
 
     student_features: frozenset[str] = frozenset({"logits"})
     teacher_features: frozenset[str] = frozenset({"logits"})
     statistics_name: str | None = None
+    statistics_features: frozenset[str] = frozenset({"embedding"})  # what the statistics pass reads
 
     def adapt_student(
         self, student: nn.Module, student_probe: NetworkOutput, teacher_probe: NetworkOutput | None
@@ -65,8 +68,12 @@ class DistillationMethod(nn.Module):
         """Called once before the optimizer is built, with both networks' features for one small batch."""
 
     def compute_teacher_statistics(
-        self, teacher: nn.Module, train_loader: DataLoader
+        self, teacher: nn.Module, batches: Iterable[tuple[NetworkOutput, torch.Tensor]]
     ) -> dict[str, torch.Tensor]:
+        """The statistics, from `batches`: (the teacher's `statistics_features`, labels) per batch of one
+        plain pass over the training split, on the teacher's device. The framework runs the teacher (eval
+        mode, no gradients) or reads its outputs from the teacher-output cache; `teacher` is there for its
+        weights (LSHFM's hash std is the classifier's)."""
         raise NotImplementedError(f"{type(self).__name__} sets statistics_name but computes no statistics")
 
     def set_teacher_statistics(self, statistics: dict[str, torch.Tensor]) -> None:

@@ -1,16 +1,16 @@
 """LSHFM: mimic the teacher's penultimate feature with an L2 loss plus a locality-sensitive-hashing loss."""
 
+from collections.abc import Iterable
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader
 
 from kd_experiments.errors import UserError
 from kd_experiments.losses import lsh_loss
 from kd_experiments.methods.base import DistillationMethod, require_class_targets
-from kd_experiments.models.features import NetworkOutput, extract_features
+from kd_experiments.models.features import NetworkOutput
 
 BIAS_MODES = ("median", "mean", "zero")
 CLASSIFIER_ATTRIBUTES = ("fc", "head", "classifier")
@@ -199,9 +199,8 @@ class LSHMimicking(_FeatureMimicking):
         self.register_buffer("hash_bias", torch.empty(0), persistent=False)
 
     def compute_teacher_statistics(
-        self, teacher: nn.Module, train_loader: DataLoader
+        self, teacher: nn.Module, batches: Iterable[tuple[NetworkOutput, torch.Tensor]]
     ) -> dict[str, torch.Tensor]:
-        device = next(teacher.parameters()).device
         classifier_weight = getattr(teacher.get_classifier(), "weight", None)
         if self.std is None and not isinstance(classifier_weight, torch.Tensor):
             raise UserError(
@@ -209,25 +208,17 @@ class LSHMimicking(_FeatureMimicking):
                 "std from; set method.objectives.lsh.std"
             )
         std = self.std if self.std is not None else classifier_weight.detach().float().std().item()
-
-        was_training = teacher.training
-        teacher.eval()
-        try:
-            embeddings = []
-            for images, _ in train_loader:
-                with torch.no_grad():
-                    features = extract_features(teacher, images.to(device), frozenset({"embedding"}))
-                embeddings.append(features.embedding.float())
-                if self.bias == "zero":
-                    break  # one batch tells D_t; the bias needs no pass
-        finally:
-            teacher.train(was_training)
+        embeddings = []
+        for output, _ in batches:
+            embeddings.append(output.embedding.float())
+            if self.bias == "zero":
+                break  # one batch tells D_t; the bias needs no pass
         embeddings = torch.cat(embeddings)
         teacher_dim = embeddings.shape[1]
 
         num_hashes = self.num_hashes or 32 * teacher_dim
         generator = torch.Generator().manual_seed(self.hash_seed)
-        weight = (torch.randn(num_hashes, teacher_dim, generator=generator) * std).to(device)
+        weight = (torch.randn(num_hashes, teacher_dim, generator=generator) * std).to(embeddings.device)
         if self.bias == "zero":
             bias = weight.new_zeros(num_hashes)
         elif self.bias == "mean":

@@ -1,12 +1,13 @@
 """The ND regulariser: pull the student embedding towards its teacher class centre (direction and norm)."""
 
+from collections.abc import Iterable
+
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
 
 from kd_experiments.losses import nd_loss
 from kd_experiments.methods.base import EMBEDDING_TAPS, DistillationMethod, check_tap
-from kd_experiments.models.features import NetworkOutput, extract_features
+from kd_experiments.models.features import NetworkOutput
 
 
 class EmbeddingProjector(nn.Sequential):
@@ -61,16 +62,15 @@ class NormDirection(DistillationMethod):
             self.projector = EmbeddingProjector(student_dim, teacher_dim, self.projector_init)
 
     def compute_teacher_statistics(
-        self, teacher: nn.Module, train_loader: DataLoader
+        self, teacher: nn.Module, batches: Iterable[tuple[NetworkOutput, torch.Tensor]]
     ) -> dict[str, torch.Tensor]:
-        device = next(teacher.parameters()).device
         sums, counts = None, None
-        for images, labels in train_loader:
-            embedding = extract_features(teacher, images.to(device), frozenset({"embedding"})).embedding
+        for output, labels in batches:
+            embedding = output.embedding
             if sums is None:
                 sums = embedding.new_zeros(teacher.num_classes, embedding.shape[1])
                 counts = embedding.new_zeros(teacher.num_classes)
-            labels = labels.to(device)
+            labels = labels.to(embedding.device)
             sums.index_add_(0, labels, embedding)
             counts.index_add_(0, labels, torch.ones_like(labels, dtype=embedding.dtype))
         if (counts == 0).any():

@@ -45,13 +45,36 @@ class NetworkOutput:
     patch_mean: torch.Tensor | None = None
     distill_logits: torch.Tensor | None = None
 
+    def to(self, device: torch.device) -> "NetworkOutput":
+        """The same outputs on `device` (tensors and lists of tensors; None stays None)."""
+
+        def move(value):
+            if isinstance(value, list):
+                return [item.to(device, non_blocking=True) for item in value]
+            return value.to(device, non_blocking=True) if value is not None else None
+
+        return NetworkOutput(**{name: move(value) for name, value in vars(self).items()})
+
 
 def has_distill_head(model: nn.Module) -> bool:
     return isinstance(getattr(model, "head_dist", None), nn.Module)
 
 
+# The attribute under which `fast_path.install` keeps a network's `FeatureRoute` (channels_last, compile).
+ROUTE_ATTRIBUTE = "_kd_feature_route"
+
+
 def extract_features(model: nn.Module, images: torch.Tensor, needs: frozenset[str]) -> NetworkOutput:
-    """Run `model` once and return the features in `needs` (a subset of FEATURE_KINDS)."""
+    """Run `model` once and return the features in `needs` (a subset of FEATURE_KINDS). A network given a
+    fast-path route (`fast_path.FeatureRoute`: channels_last, torch.compile) runs through it."""
+    route = model.__dict__.get(ROUTE_ATTRIBUTE)
+    if route is not None:
+        return route(model, images, needs)
+    return extract_features_eager(model, images, needs)
+
+
+def extract_features_eager(model: nn.Module, images: torch.Tensor, needs: frozenset[str]) -> NetworkOutput:
+    """`extract_features` as plain PyTorch, whatever the network's route (what a compiled route traces)."""
     unknown = needs - FEATURE_KINDS
     if unknown:
         raise ValueError(f"unknown feature kinds {sorted(unknown)}; known: {sorted(FEATURE_KINDS)}")

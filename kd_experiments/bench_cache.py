@@ -1,0 +1,130 @@
+"""`make bench-cache`: what the teacher-output cache saves, measured on the documented command.
+
+Runs `python -m kd_experiments` (resnet56 -> resnet20 from random weights, 32 px fake data with 100 classes,
+batch 64, CPU, no validation) five times in subprocesses, each with a fresh run directory and one shared
+cache directory:
+
+  1. kd, teacher.output_cache=false     the teacher runs every step (the baseline)
+  2. kd, teacher.output_cache=true      the first run of a study: runs the teacher and stores its logits
+  3. kd, teacher.output_cache=true      a later seed-matched run: reads them
+  4. dkd, teacher.output_cache=false    the DKD baseline
+  5. dkd, teacher.output_cache=true     DKD reading what the kd run stored (same teacher, data and seed)
+
+and reports each run's `train_images_per_s` from its summary.json (training batches only), the speed-ups
+3 / 1 and 5 / 4, and the disk the cache took per stored sample (measured from the files), from which the
+disk cost of CIFAR-100 and ImageNet epochs follows.
+
+    python -m kd_experiments.bench_cache [--epochs 3] [--output outputs/bench]
+"""
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+COMMAND = [
+    "dataset=fake",
+    "dataset.image_size=32",
+    "dataset.num_classes=100",
+    "dataset.batch_size=64",
+    "teacher=resnet56",
+    "student=resnet20",
+    "teacher.weights=random",
+    "++trainer.limit_val_batches=0",
+    "logger=none",
+    "++trainer.enable_progress_bar=false",
+]
+RUNS = [
+    ("kd, teacher runs", "kd", False),
+    ("kd, cache written", "kd", True),
+    ("kd, cache read", "kd", True),
+    ("dkd, teacher runs", "dkd", False),
+    ("dkd, reading kd's cache", "dkd", True),
+]
+# Samples per training epoch and the teacher outputs a method stores, for the disk-cost table.
+DATA_SETS = {"CIFAR-100": 50_000, "ImageNet-1k": 1_281_167}
+FEATURE_SIZES = {"CIFAR-100": {"logits": 100, "embedding (resnet32x4: 256)": 256},
+                 "ImageNet-1k": {"logits": 1000, "embedding (RegNetY-160: 3024)": 3024}}  # fmt: skip
+
+
+def run_once(method: str, cached: bool, epochs: int, root: Path, index: int) -> dict:
+    run_dir = root / f"run{index}"
+    command = [sys.executable, "-m", "kd_experiments", *COMMAND, f"method={method}"]
+    command += [f"trainer.max_epochs={epochs}", f"hydra.run.dir={run_dir}", f"paths.log_dir={root}"]
+    command += [f"paths.teacher_cache_dir={root / 'cache'}", f"teacher.output_cache={str(cached).lower()}"]
+    subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return json.loads((run_dir / "summary.json").read_text())
+
+
+def disk_per_sample(cache_root: Path) -> dict:
+    """Bytes per stored sample of one epoch folder, per file (logits.npy, keys.npy), from the files."""
+    epoch = next(cache_root.glob("outputs/*/epoch0000-rank0of1"))
+    rows = json.loads((epoch / "meta.json").read_text())["rows"]
+    return {path.name: path.stat().st_size / rows for path in sorted(epoch.glob("*.npy"))}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--epochs", type=int, default=3, help="epochs of 32 steps per run")
+    parser.add_argument("--output", default="outputs/bench", help="where runs and cache.json go")
+    args = parser.parse_args()
+    root = Path(args.output).resolve() / "cache_runs"
+    shutil.rmtree(root, ignore_errors=True)
+    root.mkdir(parents=True)
+
+    rows = []
+    for index, (label, method, cached) in enumerate(RUNS):
+        summary = run_once(method, cached, args.epochs, root, index)
+        outputs = summary["teacher_outputs"]
+        rows.append({
+            "run": label, "method": method, "output_cache": cached,
+            "images_per_s": summary["train_images_per_s"],
+            "computed_batches": outputs["computed_batches"], "read_batches": outputs["read_batches"],
+        })  # fmt: skip
+        print(f"{label:26s} {summary['train_images_per_s']:8.1f} images/s  ({outputs})", flush=True)
+    speed = {row["run"]: row["images_per_s"] for row in rows}
+    per_sample = disk_per_sample(root / "cache")
+    result = {
+        "device": "cpu",
+        "torch_threads": torch.get_num_threads(),
+        "epochs": args.epochs,
+        "runs": rows,
+        "kd_speedup_read_over_uncached": round(speed["kd, cache read"] / speed["kd, teacher runs"], 2),
+        "kd_write_cost_written_over_uncached": round(
+            speed["kd, cache written"] / speed["kd, teacher runs"], 2
+        ),
+        "dkd_speedup_on_kd_cache": round(speed["dkd, reading kd's cache"] / speed["dkd, teacher runs"], 2),
+        "bytes_per_sample_float16": per_sample,
+    }
+    output = Path(args.output).resolve()
+    (output / "cache.json").write_text(json.dumps(result, indent=2) + "\n")
+
+    lines = ["| run | images/s | teacher batches computed / read |", "|---|---|---|"]
+    for row in rows:
+        batches = f"{row['computed_batches']} / {row['read_batches']}"
+        lines.append(f"| {row['run']} | {row['images_per_s']:.1f} | {batches} |")
+    lines += ["", f"kd: cached / uncached = **{result['kd_speedup_read_over_uncached']}x** "
+              f"(writing: {result['kd_write_cost_written_over_uncached']}x); dkd on kd's cache: "
+              f"**{result['dkd_speedup_on_kd_cache']}x**", ""]  # fmt: skip
+    key_bytes = per_sample["keys.npy"]
+    logit_bytes_per_value = per_sample["logits.npy"] / 100  # 100 classes stored per sample
+    lines += ["| data set | stored per sample | float16 per epoch | float32 per epoch |", "|---|---|---|---|"]
+    for name, samples in DATA_SETS.items():
+        for feature, size in FEATURE_SIZES[name].items():
+            half = samples * (size * logit_bytes_per_value + key_bytes) / 1e9
+            single = samples * (size * 2 * logit_bytes_per_value + key_bytes) / 1e9
+            lines.append(f"| {name} ({samples:,}) | {feature} | {half:.3f} GB | {single:.3f} GB |")
+    table = "\n".join(lines)
+    (output / "cache.md").write_text(table + "\n")
+    print(table)
+    print(f"written: {output / 'cache.json'}, {output / 'cache.md'}")
+
+
+if __name__ == "__main__":
+    main()
