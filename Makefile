@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test lint format bench clean
+.PHONY: install run test lint format bench bench-methods bench-cache bench-gpu clean
 
 install: $(STAMP)
 
@@ -33,6 +33,18 @@ format: install
 
 bench: install
 	$(BIN)/python -m kd_experiments.bench $(ARGS)
+
+# Each method's time per step, extra parameters and memory on resnet56 -> resnet20 (docs/benchmarks.md).
+bench-methods: install
+	$(BIN)/python -m kd_experiments.bench_methods $(ARGS)
+
+# What the teacher-output cache saves: images/s cached vs uncached, and its disk cost (docs/benchmarks.md).
+bench-cache: install
+	$(BIN)/python -m kd_experiments.bench_cache $(ARGS)
+
+# On a GPU: the framework vs a plain PyTorch loop, bf16 + channels_last (docs/benchmarks.md).
+bench-gpu: install
+	$(BIN)/python -m kd_experiments.bench_gpu $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
