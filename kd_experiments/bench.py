@@ -57,7 +57,7 @@ def time_plain_loop(steps: int) -> float:
     optimizer = torch.optim.SGD(student.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
     done = 0
     while done < steps:
-        for images, targets in data.train_dataloader():
+        for images, targets, _keys in data.train_dataloader():
             with torch.no_grad():
                 teacher_logits = teacher(images)
             student_logits = student(images)
