@@ -99,6 +99,51 @@ def test_vkd_projector_stays_orthogonal_under_sgd(dims):
     torch.testing.assert_close(gram, torch.eye(min(dims)), atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("dims", [(16, 256), (256, 16)])
+def test_vkd_projector_is_torchs_householder_parametrisation_computed_faster(dims):
+    """HouseholderStiefel gives what `parametrizations.orthogonal` gives a non-square weight: the same
+    state dict from the same seed, the same matrix and the same gradient (to float32 rounding)."""
+    from torch.nn.utils import parametrize
+    from torch.nn.utils.parametrizations import orthogonal
+
+    from kd_experiments.methods.vkd import HouseholderStiefel
+
+    student_dim, teacher_dim = dims
+    torch.manual_seed(0)
+    reference = orthogonal(torch.nn.Linear(student_dim, teacher_dim, bias=False))
+    torch.manual_seed(0)
+    method = OrthogonalProjection()
+    method.setup(
+        NetworkOutput(torch.zeros(2, 10), torch.zeros(2, student_dim)),
+        NetworkOutput(torch.zeros(2, 10), torch.zeros(2, teacher_dim)),
+    )
+    ours = method.projector
+    assert isinstance(ours.parametrizations.weight[0], HouseholderStiefel)
+    expected_state = reference.state_dict()
+    keys = ["parametrizations.weight.0.base", "parametrizations.weight.original"]
+    assert sorted(ours.state_dict()) == sorted(expected_state) == keys
+    for key, value in ours.state_dict().items():
+        assert torch.equal(value, expected_state[key]), key
+    with torch.no_grad():  # away from the starting point, where every reflector is zero
+        step = 0.05 * torch.randn(teacher_dim, student_dim, generator=torch.Generator().manual_seed(1))
+        for module in (reference, ours):
+            module.parametrizations.weight.original.add_(step)
+    inputs, target = torch.randn(8, student_dim), torch.randn(8, teacher_dim)
+    for module in (reference, ours):
+        (module(inputs) - target).pow(2).sum().backward()
+    torch.testing.assert_close(ours.weight, reference.weight, atol=1e-5, rtol=0)
+    gradient = reference.parametrizations.weight.original.grad
+    torch.testing.assert_close(ours.parametrizations.weight.original.grad, gradient, atol=1e-4, rtol=1e-5)
+    assert gradient.abs().max() > 1.0  # a real gradient, not rounding noise
+    square = OrthogonalProjection()  # a square weight keeps torch's own (matrix exponential) map
+    square.setup(
+        NetworkOutput(torch.zeros(2, 10), torch.zeros(2, 8)),
+        NetworkOutput(torch.zeros(2, 10), torch.zeros(2, 8)),
+    )
+    assert parametrize.is_parametrized(square.projector)
+    assert not isinstance(square.projector.parametrizations.weight[0], HouseholderStiefel)
+
+
 def test_fitnet_regressor_follows_mdistiller_convreg_shapes():
     cases = {  # student (C, H) -> teacher (C, H): expected conv
         ((8, 8), (32, 4)): (torch.nn.Conv2d, (3, 3), (2, 2)),
