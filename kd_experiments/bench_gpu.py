@@ -195,60 +195,78 @@ def composed_config(overrides: list[str]):
         return compose("config", overrides=overrides)
 
 
-def plain_images_per_s(run: dict, args, overrides: list[str]) -> float:
-    """The hand-written loop: the framework's work for `run`, timed as StepTimer times the framework."""
-    from hydra.utils import instantiate
+def _plain_networks(cfg, run: dict, device: torch.device, channels_last: bool):
+    """The frozen teacher and the training student, built as the framework builds them."""
     from omegaconf import OmegaConf
 
-    from kd_experiments.data.fake import FakeData
-    from kd_experiments.losses import kd_loss
     from kd_experiments.models import create_model
 
-    cfg = composed_config(overrides)
-    device = torch.device(args.device)
-    torch.set_float32_matmul_precision(args.matmul_precision)
-    torch.backends.cudnn.benchmark = args.cudnn_benchmark
-    torch.manual_seed(0)
-    batch, size, classes = run["batch_size"], run["image_size"], run["num_classes"]
     networks = []
     for node in (cfg.teacher, cfg.student):
         kwargs = OmegaConf.to_container(node.model_kwargs, resolve=True)
-        networks.append(create_model(node.arch, num_classes=classes, image_size=size, **kwargs).to(device))
+        network = create_model(
+            node.arch, num_classes=run["num_classes"], image_size=run["image_size"], **kwargs
+        )
+        networks.append(network.to(device))
     teacher, student = networks
     teacher.eval().requires_grad_(False)
     student.train()
-    if args.channels_last:
+    if channels_last:
         teacher.to(memory_format=torch.channels_last)
         student.to(memory_format=torch.channels_last)
-    optimizer = instantiate(cfg.optimizer)(student)  # timm's factory, as the framework builds it
+    return teacher, student
+
+
+def _plain_loss(cfg, method: str, student):
+    """The method's loss written out: Hinton KD + CE, or DeiT's hard distillation on the second head."""
+    from kd_experiments.losses import kd_loss
+
     weights = cfg.method.weights
-    if run["method"] == "deit":
+    if method == "deit":
         if cfg.method.objectives.distill.kind != "hard":
             raise ValueError("the plain loop implements the deit method's hard distillation only")
         student.set_distilled_training(True)  # forward gives (class head, distillation head)
 
-        def loss_fn(student_out, teacher_logits, targets):
+        def deit_loss(student_out, teacher_logits, targets):
             logits, distill_logits = student_out
             hard = teacher_logits.argmax(dim=1)
             return weights.ce * F.cross_entropy(logits, targets) + weights.distill * F.cross_entropy(
                 distill_logits, hard
             )
 
-    else:
-        temperature = cfg.method.objectives.kd.temperature
+        return deit_loss
+    temperature = cfg.method.objectives.kd.temperature
 
-        def loss_fn(student_logits, teacher_logits, targets):
-            kd = kd_loss(student_logits, teacher_logits, temperature)
-            return weights.ce * F.cross_entropy(student_logits, targets) + weights.kd * kd
+    def hinton_loss(student_logits, teacher_logits, targets):
+        kd = kd_loss(student_logits, teacher_logits, temperature)
+        return weights.ce * F.cross_entropy(student_logits, targets) + weights.kd * kd
 
+    return hinton_loss
+
+
+def plain_images_per_s(run: dict, args, overrides: list[str]) -> float:
+    """The hand-written loop: the framework's work for `run`, timed as StepTimer times the framework."""
+    from hydra.utils import instantiate
+
+    from kd_experiments.data.fake import FakeData
+
+    cfg = composed_config(overrides)
+    device = torch.device(args.device)
+    torch.set_float32_matmul_precision(args.matmul_precision)
+    torch.backends.cudnn.benchmark = args.cudnn_benchmark
+    torch.manual_seed(0)
+    batch = run["batch_size"]
+    teacher, student = _plain_networks(cfg, run, device, args.channels_last)
+    optimizer = instantiate(cfg.optimizer)(student)  # timm's factory, as the framework builds it
+    loss_fn = _plain_loss(cfg, run["method"], student)
     teacher_fn, student_fn = teacher, student
     if args.compile:
         options = {"backend": args.compile_backend, "mode": args.compile_mode, "dynamic": False}
         teacher_fn, student_fn = torch.compile(teacher, **options), torch.compile(student, **options)
     data = FakeData(
         batch_size=batch,
-        num_classes=classes,
-        image_size=size,
+        num_classes=run["num_classes"],
+        image_size=run["image_size"],
         train_length=(args.warmup + args.steps + 2) * batch,
         num_workers=args.num_workers,
         pin_memory=args.pin_memory,

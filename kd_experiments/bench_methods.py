@@ -106,6 +106,47 @@ def trainable_parameters(module) -> int:
     return sum(p.numel() for p in module.parameters() if p.requires_grad)
 
 
+def _parameter_counts(pl_module, student_arch: str, num_classes: int, image_size: int) -> dict:
+    """Trainable parameters the method adds to the plain student network, inside and beside it."""
+    from kd_experiments.models import create_model
+
+    plain = trainable_parameters(create_model(student_arch, num_classes=num_classes, image_size=image_size))
+    student = trainable_parameters(pl_module.student)
+    total = trainable_parameters(pl_module)  # the teacher is outside the module tree
+    return {
+        "plain_student_params": plain,
+        "extra_params": total - plain,
+        "extra_params_in_student": student - plain,  # e.g. LSHFM's feat_fc, kept at deployment
+        "extra_params_beside_student": total - student,  # side branches, dropped after training
+    }
+
+
+def _memory_baseline_mb(device) -> tuple[float, bool]:
+    """Just before the first step: the memory in use (MiB) after resetting the peak, and whether the
+    peak could be reset."""
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        return torch.cuda.memory_allocated(device) / 2**20, True
+    reset = reset_peak_rss()
+    return peak_rss_kib() / 1024, reset
+
+
+def _memory_peak_mb(device) -> float:
+    import torch
+
+    return torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else peak_rss_kib() / 1024
+
+
+def _synchronize(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)  # time this step's kernels only, not the previous step's
+
+
 @functools.cache
 def _step_timer_class() -> type:
     """StepTimer, built on first use: only the training subprocess needs it, and importing Lightning costs
@@ -128,44 +169,20 @@ def _step_timer_class() -> type:
             self._step_started = 0.0
 
         def on_train_start(self, trainer, pl_module) -> None:
-            from kd_experiments.models import create_model
-
-            plain_student = create_model(
-                self.student_arch, num_classes=self.num_classes, image_size=self.image_size
+            self.parameters = _parameter_counts(
+                pl_module, self.student_arch, self.num_classes, self.image_size
             )
-            plain = trainable_parameters(plain_student)
-            student = trainable_parameters(pl_module.student)
-            total = trainable_parameters(pl_module)  # the teacher is outside the module tree
-            self.parameters = {
-                "plain_student_params": plain,
-                "extra_params": total - plain,
-                "extra_params_in_student": student - plain,  # e.g. LSHFM's feat_fc, kept at deployment
-                "extra_params_beside_student": total - student,  # side branches, dropped after training
-            }
 
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
-            device = pl_module.device
             if self.memory_baseline_mb is None:  # just before the first step
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                    torch.cuda.reset_peak_memory_stats(device)
-                    self.memory_baseline_mb = torch.cuda.memory_allocated(device) / 2**20
-                else:
-                    self.high_water_reset = reset_peak_rss()
-                    self.memory_baseline_mb = peak_rss_kib() / 1024
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)  # time this step's kernels only, not the previous step's
+                self.memory_baseline_mb, self.high_water_reset = _memory_baseline_mb(pl_module.device)
+            _synchronize(pl_module.device)
             self._step_started = time.perf_counter()
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
-            device = pl_module.device
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
+            _synchronize(pl_module.device)
             self.step_seconds.append(time.perf_counter() - self._step_started)
-            if device.type == "cuda":
-                self.memory_peak_mb = torch.cuda.max_memory_allocated(device) / 2**20
-            else:
-                self.memory_peak_mb = peak_rss_kib() / 1024
+            self.memory_peak_mb = _memory_peak_mb(pl_module.device)
 
         def on_train_end(self, trainer, pl_module) -> None:
             device = pl_module.device
@@ -297,6 +314,18 @@ def faster(entry: dict, again: dict) -> dict:
     return entry | {"ms_per_step_rounds": rounds}
 
 
+# What each figure in methods.json means, written into its context.
+CONTEXT_DEFINITIONS = {
+    "ms_per_step": (
+        "median of the timed steps (on_train_batch_start -> on_train_batch_end) of one run; the lowest "
+        "of the method's runs (ms_per_step_rounds), each in a fresh process, one round after another"
+    ),
+    "extra_params": "trainable parameters of the LightningModule minus the plain student network's",
+    "peak_mem_mb": (
+        "MiB; CPU: growth of the process's peak RSS over the steps, high-water mark reset just before "
+        "the first; CUDA: max_memory_allocated over the steps minus the allocation before them"
+    ),
+}
 RUN_CONTEXT_KEYS = ("device", "device_name", "torch_version", "torch_threads")
 
 
@@ -338,7 +367,7 @@ def markdown_table(methods: dict, references: dict) -> str:
     return table
 
 
-def main(argv: list[str] | None = None) -> None:
+def parse_arguments(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -356,35 +385,45 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"unknown methods {unknown}; conf/method has {', '.join(known)}")
     if args.steps < 1 or args.warmup < 0 or args.rounds < 1:
         parser.error("--steps and --rounds must be >= 1, --warmup >= 0")
+    return args, methods
+
+
+def measure_all(methods: list[str], rounds: int, run, started: float) -> tuple[dict, dict]:
+    """Every method (on the pair it accepts) over `rounds` rounds, and kd on each other pair used."""
+    results, references = {}, {}
+    for method in methods:  # the first round also finds the pair each method accepts
+        results[method] = measure_method(method, run)
+        print(f"{method:12s} {results[method]['status']:16s} ({time.perf_counter() - started:.0f} s)")
+    # The x kd column compares a method run on another pair with kd on that pair.
+    other_pairs = {pair_key(entry) for entry in results.values() if entry["status"] == "ok (other pair)"}
+    for pair in FALLBACK_PAIRS:
+        if "kd" in methods and (pair.teacher, pair.student) in other_pairs:
+            reference = run("kd", pair)
+            if "error" not in reference:
+                references[f"kd@{pair}"] = reference
+    # Later rounds rerun each measured method in a new process, minutes after its first run, so that a
+    # slow spell of the machine (or of one process) does not decide its number.
+    for round_number in range(2, rounds + 1):
+        for method, entry in results.items():
+            if entry["status"] != "not run":
+                results[method] = faster(entry, run(method, pair_of(entry)))
+        for name, entry in references.items():
+            references[name] = faster(entry, run("kd", pair_of(entry)))
+        print(f"round {round_number} done ({time.perf_counter() - started:.0f} s)")
+    return results, references
+
+
+def main(argv: list[str] | None = None) -> None:
+    args, methods = parse_arguments(argv)
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
-
-    results, references = {}, {}
     started = time.perf_counter()
     load_before = os.getloadavg()  # other work on the machine slows every step; the context says so
     # Run folders and the teacher-statistics cache are scratch: only methods.json / methods.md are kept.
     with tempfile.TemporaryDirectory(prefix="bench_methods_") as scratch:
         settings = {"warmup": args.warmup, "steps": args.steps, "accelerator": args.accelerator}
         run = functools.partial(measure, work_dir=Path(scratch), **settings)
-        for method in methods:  # the first round also finds the pair each method accepts
-            results[method] = measure_method(method, run)
-            print(f"{method:12s} {results[method]['status']:16s} ({time.perf_counter() - started:.0f} s)")
-        # The x kd column compares a method run on another pair with kd on that pair.
-        other_pairs = {pair_key(entry) for entry in results.values() if entry["status"] == "ok (other pair)"}
-        for pair in FALLBACK_PAIRS:
-            if "kd" in methods and (pair.teacher, pair.student) in other_pairs:
-                reference = run("kd", pair)
-                if "error" not in reference:
-                    references[f"kd@{pair}"] = reference
-        # Later rounds rerun each measured method in a new process, minutes after its first run, so that a
-        # slow spell of the machine (or of one process) does not decide its number.
-        for round_number in range(2, args.rounds + 1):
-            for method, entry in results.items():
-                if entry["status"] != "not run":
-                    results[method] = faster(entry, run(method, pair_of(entry)))
-            for name, entry in references.items():
-                references[name] = faster(entry, run("kd", pair_of(entry)))
-            print(f"round {round_number} done ({time.perf_counter() - started:.0f} s)")
+        results, references = measure_all(methods, args.rounds, run, started)
 
     context = {
         "date": date.today().isoformat(),
@@ -398,15 +437,7 @@ def main(argv: list[str] | None = None) -> None:
         "warmup_steps": args.warmup,
         "steps_timed": args.steps,
         "rounds": args.rounds,
-        "ms_per_step": (
-            "median of the timed steps (on_train_batch_start -> on_train_batch_end) of one run; the lowest "
-            "of the method's runs (ms_per_step_rounds), each in a fresh process, one round after another"
-        ),
-        "extra_params": "trainable parameters of the LightningModule minus the plain student network's",
-        "peak_mem_mb": (
-            "MiB; CPU: growth of the process's peak RSS over the steps, high-water mark reset just before "
-            "the first; CUDA: max_memory_allocated over the steps minus the allocation before them"
-        ),
+        **CONTEXT_DEFINITIONS,
         "command": " ".join(["python -m kd_experiments.bench_methods", *(argv or sys.argv[1:])]),
         "wall_s": round(time.perf_counter() - started, 1),
     }

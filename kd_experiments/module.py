@@ -28,6 +28,16 @@ SchedulerFactory = Callable[[torch.optim.Optimizer], object]
 TIMM_EPOCH_KEYS = ("t_initial", "warmup_t", "decay_t", "patience_t", "cooldown_t")
 
 
+def _check_terms(method: Objectives, loss_weights: LossWeights, teacher) -> None:
+    if set(loss_weights.terms) != set(method.terms):
+        raise UserError(
+            f"the method returns the loss terms {sorted(method.terms)} but method.weights gives weights "
+            f"for {sorted(loss_weights.terms)}; give exactly one weight per term"
+        )
+    if method.teacher_features and teacher is None:
+        raise UserError(f"the method's terms {list(method.terms)} need a teacher; configure teacher=...")
+
+
 class DistillationModule(pl.LightningModule):
     """Trains `student` with `method`'s loss terms, weighted (and warmed up) by `loss_weights`.
 
@@ -54,13 +64,7 @@ class DistillationModule(pl.LightningModule):
         fast_path: FastPath | None = None,
     ):
         super().__init__()
-        if set(loss_weights.terms) != set(method.terms):
-            raise UserError(
-                f"the method returns the loss terms {sorted(method.terms)} but method.weights gives weights "
-                f"for {sorted(loss_weights.terms)}; give exactly one weight per term"
-            )
-        if method.teacher_features and teacher is None:
-            raise UserError(f"the method's terms {list(method.terms)} need a teacher; configure teacher=...")
+        _check_terms(method, loss_weights, teacher)
         self.student = student
         self.method = method
         self.loss_weights = loss_weights
@@ -78,16 +82,7 @@ class DistillationModule(pl.LightningModule):
         # Training batches whose teacher outputs were computed / read from the cache (this rank).
         self.teacher_batches = {"computed": 0, "read": 0}
 
-        # nan_strategy "disable": the default checks every update for NaN with a host sync (a stalled GPU
-        # each step); NonFiniteWatch finds non-finite terms on the device instead.
-        means = {name: MeanMetric(nan_strategy="disable") for name in (*method.terms, "loss")}
-        self.train_means = nn.ModuleDict(means)
-        self.nonfinite_watch = NonFiniteWatch(method.terms)
-        self.val_top1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
-        self.val_top5 = MulticlassAccuracy(num_classes, top_k=min(5, num_classes), average="micro")
-        self.teacher_val_top1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
-        # Images scored by a validation, summed over DDP ranks: the whole split, each image once.
-        self.val_image_count = SumMetric()
+        self._add_metrics(method.terms, num_classes)
         self.val_images: int | None = None  # of the last validation (not the sanity check)
         self.teacher_top1: float | None = None  # measured once, at the first real validation
         self.validation_history: list[dict] = []
@@ -95,6 +90,18 @@ class DistillationModule(pl.LightningModule):
         # channels_last and torch.compile (fast_path.py): applied to the networks once, here.
         self.fast_path = fast_path or FastPath()
         self.fast_path.install(self)
+
+    def _add_metrics(self, terms: tuple[str, ...], num_classes: int) -> None:
+        # nan_strategy "disable": the default checks every update for NaN with a host sync (a stalled GPU
+        # each step); NonFiniteWatch finds non-finite terms on the device instead.
+        means = {name: MeanMetric(nan_strategy="disable") for name in (*terms, "loss")}
+        self.train_means = nn.ModuleDict(means)
+        self.nonfinite_watch = NonFiniteWatch(terms)
+        self.val_top1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
+        self.val_top5 = MulticlassAccuracy(num_classes, top_k=min(5, num_classes), average="micro")
+        self.teacher_val_top1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
+        # Images scored by a validation, summed over DDP ranks: the whole split, each image once.
+        self.val_image_count = SumMetric()
 
     @property
     def teacher(self) -> nn.Module | None:

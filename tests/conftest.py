@@ -3,6 +3,7 @@
 import json
 import os
 import runpy
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -59,6 +60,14 @@ def run_main_in_process(*args: str, cwd: Path, monkeypatch, capsys) -> subproces
     return subprocess.CompletedProcess(sys.argv, code, out, err)
 
 
+def refusal_line(*args: str, cwd: Path, monkeypatch, capsys) -> str:
+    """The one line a refused run prints (`run_main_in_process`), after checking it was a refusal: exit
+    code 2 and no traceback."""
+    result = run_main_in_process(*args, cwd=cwd, monkeypatch=monkeypatch, capsys=capsys)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    return result.stderr.strip().splitlines()[-1]
+
+
 def run_summaries(root: Path) -> list[dict]:
     return [json.loads(p.read_text()) for p in sorted(root.glob("outputs/runs/*/*/summary.json"))]
 
@@ -85,6 +94,17 @@ def workdir(project_dir, tmp_path) -> Path:
     (tmp_path / "outputs").mkdir()
     (tmp_path / "outputs/teachers").symlink_to(project_dir / "outputs/teachers")
     return tmp_path
+
+
+@pytest.fixture
+def cachedir(workdir) -> str:
+    """A teacher cache of the test's own (the override that selects it), holding a copy of the session's
+    trained teacher: tests running side by side must not read each other's stored outputs or statistics."""
+    private = workdir / "teachers"
+    private.mkdir()
+    for path in (workdir / "outputs/teachers").glob("convnet_wide-digits-*"):
+        shutil.copy(path, private / path.name)
+    return f"paths.teacher_cache_dir={private}"
 
 
 @pytest.fixture(scope="session")

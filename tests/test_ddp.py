@@ -13,6 +13,7 @@ from importlib.machinery import ModuleSpec
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
@@ -43,27 +44,29 @@ RANK_VARIABLES = (
 )
 
 
-def test_a_ddp_multirun_leaves_one_sweep_of_completed_exact_jobs(project_dir, tmp_path):
-    """`-m seed=0,1` on two CPU processes: one sweep folder, each job completed in its own folder (where its
-    rank 1 ran too), every validation image scored once (1,438), the teacher's top-1 the one-process run's
-    to the last bit, the EMA and averaged students scored (once, on rank 0), and no sync_dist warning."""
+def test_a_ddp_multirun_leaves_one_sweep_of_completed_exact_jobs(project_dir, workdir, cachedir):
+    """`-m seed=0,0` on two CPU processes, with the teacher-output cache: one sweep folder, each job
+    completed in its own folder (where its rank 1 ran too), every validation image scored once (1,438), the
+    teacher's top-1 the one-process run's to the last bit, the EMA and averaged students scored (once, on
+    rank 0), and no sync_dist warning. Job 0 stores the teacher's outputs, each rank its own shard; job 1,
+    the same run again, reads them and trains exactly as job 0."""
     one_process = json.loads(next(project_dir.glob("outputs/runs/*/*/summary.json")).read_text())
     assert (one_process["val_images"], one_process["world_size"]) == (1438, 1)
-    env = {k: v for k, v in clean_env(tmp_path).items() if k not in RANK_VARIABLES} | {"OMP_NUM_THREADS": "1"}
+    env = {k: v for k, v in clean_env(workdir).items() if k not in RANK_VARIABLES} | {"OMP_NUM_THREADS": "1"}
     result = run_cli(
-        "-m", "seed=0,1", *DDP, "trainer.max_epochs=1", "logger=none", "++trainer.enable_model_summary=false",
+        "-m", "seed=0,0", *DDP, "trainer.max_epochs=1", "logger=none", "++trainer.enable_model_summary=false",
         "++trainer.enable_progress_bar=false", "ema_decay=0.9", "report=weight_average", "average_epochs=1",
-        f"paths.teacher_cache_dir={project_dir}/outputs/teachers", cwd=tmp_path, env=env,
+        cachedir, "teacher.output_cache=true", "teacher.output_cache_dtype=float32", cwd=workdir, env=env,
     )  # fmt: skip
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-3000:]
-    sweeps = list((tmp_path / "outputs/multirun").glob("*/*"))
+    sweeps = list((workdir / "outputs/multirun").glob("*/*"))
     assert len(sweeps) == 1, sweeps  # a child re-running the sweep left a second one
-    assert not (tmp_path / "outputs/runs").exists()
+    assert not (workdir / "outputs/runs").exists()
     jobs = sorted(p for p in sweeps[0].iterdir() if p.is_dir())
     assert [p.name.split("_")[0] for p in jobs] == ["0", "1"]
-    for job in jobs:
-        summary = json.loads((job / "summary.json").read_text())
+    summaries = [json.loads((job / "summary.json").read_text()) for job in jobs]
+    for job, summary in zip(jobs, summaries, strict=True):
         assert summary["status"] == "completed" and summary["output_dir"] == str(job)
         assert (summary["val_images"], summary["world_size"]) == (1438, 2)
         assert summary["teacher_top1"] == one_process["teacher_top1"]
@@ -71,6 +74,19 @@ def test_a_ddp_multirun_leaves_one_sweep_of_completed_exact_jobs(project_dir, tm
         assert (job / "train_ddp_process_1.log").is_file()  # rank 1 ran in this job's folder
     assert "sync_dist" not in output
     assert output.count("Initializing distributed: GLOBAL_RANK: 1") == 2  # one child per job, no more
+
+    written, read = summaries
+    folder = Path(written["teacher_outputs"]["cache"]["folder"])
+    assert sorted(p.name for p in folder.iterdir() if p.name.startswith("epoch0000")) == [
+        "epoch0000-rank0of2",
+        "epoch0000-rank1of2",
+    ]
+    # 359 images over 2 ranks: 180 each (padded), in 3 batches of 64
+    assert [np.load(folder / f"epoch0000-rank{r}of2/keys.npy").shape[0] for r in (0, 1)] == [180, 180]
+    counts = [s["teacher_outputs"] for s in summaries]
+    assert [(c["computed_batches"], c["read_batches"]) for c in counts] == [(3, 0), (0, 3)]
+    trained = [[(epoch["train"], epoch["top1"]) for epoch in s["history"]] for s in summaries]
+    assert trained[1] == trained[0] and read["student_top1_ema"] == written["student_top1_ema"]
 
 
 def test_the_validation_shards_cover_every_image_once():

@@ -2,7 +2,6 @@
 a run that reads the teacher's outputs trains exactly as one that runs the teacher."""
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -12,22 +11,11 @@ import torch
 from kd_experiments.data.digits import DigitsData
 from kd_experiments.data.sampling import KeyedSampler, SeededSamples, sample_seed
 from kd_experiments.output_cache import TeacherOutputCache
-from tests.conftest import QUICK, run_cli, run_main_in_process, run_summaries
+from tests.conftest import QUICK, refusal_line, run_main_in_process, run_summaries
 from tests.test_data_real import write_image_tree
 
 CACHE = ["teacher.output_cache=true", "teacher.output_cache_dtype=float32"]
 BATCHES_PER_EPOCH = 6  # digits: 359 training images in batches of 64
-
-
-@pytest.fixture
-def cachedir(workdir) -> str:
-    """A teacher cache of this test's own, holding a copy of the session's trained teacher: tests running
-    side by side must not read each other's stored outputs or statistics."""
-    private = workdir / "teachers"
-    private.mkdir()
-    for path in (workdir / "outputs/teachers").glob("convnet_wide-digits-*"):
-        shutil.copy(path, private / path.name)
-    return f"paths.teacher_cache_dir={private}"
 
 
 def run(cwd, monkeypatch, capsys, *args):
@@ -143,22 +131,11 @@ def test_two_loader_workers_read_what_one_process_wrote(workdir, cachedir, monke
 
 
 def test_a_feature_map_method_refuses_the_cache_in_one_line(workdir, monkeypatch, capsys):
-    result = run_main_in_process(
-        *QUICK,
-        "method=fitnet",
-        "teacher.output_cache=true",
-        cwd=workdir,
-        monkeypatch=monkeypatch,
-        capsys=capsys,
-    )
-    assert result.returncode == 2 and "Traceback" not in result.stderr
-    line = result.stderr.strip().splitlines()[-1]
+    io = {"cwd": workdir, "monkeypatch": monkeypatch, "capsys": capsys}
+    line = refusal_line(*QUICK, "method=fitnet", "teacher.output_cache=true", **io)
     assert "fitnet reads the teacher's feature maps (stages)" in line and "teacher.output_cache=false" in line
-    bad_dtype = run_main_in_process(
-        *QUICK, "teacher.output_cache=true", "teacher.output_cache_dtype=int8", cwd=workdir,
-        monkeypatch=monkeypatch, capsys=capsys,
-    )  # fmt: skip
-    assert bad_dtype.returncode == 2 and "output_cache_dtype must be float16 or float32" in bad_dtype.stderr
+    line = refusal_line(*QUICK, "teacher.output_cache=true", "teacher.output_cache_dtype=int8", **io)
+    assert "output_cache_dtype must be float16 or float32" in line
 
 
 def test_float16_storage_halves_the_rows_and_stays_close(workdir, cachedir, monkeypatch, capsys):
@@ -204,23 +181,6 @@ def test_mixup_on_an_image_folder_cached_equals_uncached(tmp_path, monkeypatch, 
         second["teacher_outputs"]["read_batches"] == 8 and second["teacher_outputs"]["computed_batches"] == 0
     )
     assert trained(first) == trained(uncached) == trained(second)
-
-
-def test_each_rank_writes_and_reads_its_own_shard_under_ddp(workdir, cachedir):
-    ddp = [*QUICK, *CACHE, cachedir, "trainer.max_epochs=1", "trainer.strategy=ddp", "trainer.devices=2",
-           "trainer.accelerator=cpu"]  # fmt: skip
-    for _ in range(2):  # a real process: Lightning starts rank 1 by running its command line again
-        result = run_cli(*ddp, cwd=workdir)
-        assert result.returncode == 0, result.stderr[-3000:]
-    written, read = run_summaries(workdir)
-    folder = cache_folder(written)
-    assert sorted(p.name for p in folder.iterdir()) == ["epoch0000-rank0of2", "epoch0000-rank1of2"]
-    # 359 images over 2 ranks: 180 each (padded), in 3 batches of 64
-    assert [np.load(folder / f"epoch0000-rank{r}of2/keys.npy").shape[0] for r in (0, 1)] == [180, 180]
-    assert (
-        read["teacher_outputs"]["read_batches"] == 3 and written["teacher_outputs"]["computed_batches"] == 3
-    )
-    assert trained(read) == trained(written)
 
 
 def test_the_cache_object_publishes_only_an_ended_epoch(tmp_path):
