@@ -147,12 +147,25 @@ def _synchronize(device) -> None:
         torch.cuda.synchronize(device)  # time this step's kernels only, not the previous step's
 
 
+def _device_context(device) -> dict:
+    """What a StepTimer report says about where it ran."""
+    import torch
+
+    cuda = device.type == "cuda"
+    return {
+        "device": device.type,
+        "device_name": torch.cuda.get_device_name(device) if cuda else cpu_name(),
+        "torch_version": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "peak_mem_kind": "cuda allocated growth" if cuda else "peak RSS growth",
+    }
+
+
 @functools.cache
 def _step_timer_class() -> type:
     """StepTimer, built on first use: only the training subprocess needs it, and importing Lightning costs
     the measuring process seconds for nothing (see `__getattr__`)."""
     import pytorch_lightning as pl
-    import torch
 
     class StepTimer(pl.Callback):
         """Times each training step and measures the memory the steps add; writes the numbers, with the
@@ -185,19 +198,13 @@ def _step_timer_class() -> type:
             self.memory_peak_mb = _memory_peak_mb(pl_module.device)
 
         def on_train_end(self, trainer, pl_module) -> None:
-            device = pl_module.device
             growth = (self.memory_peak_mb or 0.0) - (self.memory_baseline_mb or 0.0)
-            report = {
-                "device": device.type,
-                "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
-                "torch_version": torch.__version__,
-                "torch_threads": torch.get_num_threads(),
+            report = _device_context(pl_module.device) | {
                 "step_seconds": self.step_seconds,
                 "peak_mem_mb": max(0.0, growth),
-                "peak_mem_kind": "cuda allocated growth" if device.type == "cuda" else "peak RSS growth",
                 "high_water_reset": self.high_water_reset,
-            } | self.parameters
-            self.report_path.write_text(json.dumps(report, indent=2) + "\n")
+            }
+            self.report_path.write_text(json.dumps(report | self.parameters, indent=2) + "\n")
 
     StepTimer.__module__, StepTimer.__qualname__ = __name__, "StepTimer"
     return StepTimer

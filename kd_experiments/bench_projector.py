@@ -8,19 +8,15 @@ import argparse
 import time
 
 import torch
-from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import orthogonal
 
-from kd_experiments.methods.vkd import HouseholderStiefel
+from kd_experiments.methods.vkd import orthogonal_linear
 
 
 def projector(student_dim: int, teacher_dim: int, implementation: str) -> torch.nn.Linear:
     torch.manual_seed(0)
     linear = torch.nn.Linear(student_dim, teacher_dim, bias=False)
-    if implementation == "torch":
-        return orthogonal(linear)
-    parametrize.register_parametrization(linear, "weight", HouseholderStiefel(), unsafe=True)
-    return linear
+    return orthogonal(linear) if implementation == "torch" else orthogonal_linear(linear)
 
 
 def milliseconds_per_step(linear: torch.nn.Linear, student_dim: int, repeats: int) -> float:

@@ -60,6 +60,15 @@ class HouseholderStiefel(nn.Module):
         return start
 
 
+def orthogonal_linear(linear: nn.Linear) -> nn.Linear:
+    """`parametrizations.orthogonal(linear)` with torch's default map: the matrix exponential for a square
+    weight, Householder for a non-square one (computed by `HouseholderStiefel`)."""
+    if linear.in_features == linear.out_features:
+        return orthogonal(linear)
+    parametrize.register_parametrization(linear, "weight", HouseholderStiefel(), unsafe=True)
+    return linear
+
+
 def _householder_product(tall: torch.Tensor) -> torch.Tensor:
     """`linalg.householder_product(A, tau)` for torch's Householder map: A = tall.tril(-1), tau = 2 / (1 +
     |A_i|^2), so tau_i = 2 / |v_i|^2 with v_i = A_i + e_i: the UT transform (see HouseholderStiefel)."""
@@ -121,13 +130,7 @@ class OrthogonalProjection(DistillationMethod):
             )
             return
         linear = nn.Linear(student_dim, teacher_dim, bias=False)
-        if self.projector_kind == "linear":
-            self.projector = linear
-        elif student_dim == teacher_dim:  # torch's default map for a square weight: the matrix exponential
-            self.projector = orthogonal(linear)
-        else:  # torch's default map for a non-square one, Householder, computed faster (HouseholderStiefel)
-            parametrize.register_parametrization(linear, "weight", HouseholderStiefel(), unsafe=True)
-            self.projector = linear
+        self.projector = linear if self.projector_kind == "linear" else orthogonal_linear(linear)
 
     def forward(
         self, student: NetworkOutput, teacher: NetworkOutput | None, targets: torch.Tensor
