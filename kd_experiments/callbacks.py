@@ -185,12 +185,14 @@ class EpochRecord(pl.Callback):
     @staticmethod
     def _line(trainer, pl_module, record: dict) -> str:
         validated = [h for h in pl_module.validation_history if h["epoch"] == record["epoch"]]
-        top1 = f"{validated[-1]['top1']:.2f}%" if validated else "-"
+        # A classifier's headline is its top-1, a detector's its mAP@[.5:.95] (detection/module.py).
+        name, key = ("mAP", "map") if validated and "map" in validated[-1] else ("top-1", "top1")
+        score = f"{validated[-1][key]:.2f}%" if validated else "-"
         lr = "-" if record["lr"] is None else f"{record['lr']:.4g}"
         loss = record["train"]["loss"]
         return (
-            f"epoch {record['epoch'] + 1}/{trainer.max_epochs}: loss {loss:.4f}, val top-1 {top1}, lr {lr}, "
-            f"{record['images_per_s'] or '-'} images/s"
+            f"epoch {record['epoch'] + 1}/{trainer.max_epochs}: loss {loss:.4f}, val {name} {score}, "
+            f"lr {lr}, {record['images_per_s'] or '-'} images/s"
         )
 
     def state_dict(self) -> dict:  # a resumed run's history keeps the epochs before the interruption
@@ -201,13 +203,11 @@ class EpochRecord(pl.Callback):
 
 
 def epoch_history(records: list[dict], validation_history: list[dict]) -> list[dict]:
-    """summary.json's `history`: per trained epoch, its record with that epoch's top-1/top-5 (when validated);
+    """summary.json's `history`: per trained epoch, its record with that epoch's scores (when validated);
     of an epoch recorded twice (an interrupted epoch that a resumed run trained again) the later counts."""
     by_epoch = {record["epoch"]: dict(record) for record in records}
-    for entry in validation_history:
-        by_epoch.setdefault(entry["epoch"], {"epoch": entry["epoch"]}).update(
-            top1=entry["top1"], top5=entry["top5"]
-        )
+    for entry in validation_history:  # top1/top5 of a classifier, map/map50/voc07_map50 of a detector
+        by_epoch.setdefault(entry["epoch"], {"epoch": entry["epoch"]}).update(entry)
     return [by_epoch[epoch] for epoch in sorted(by_epoch)]
 
 

@@ -253,6 +253,25 @@ def vkd_loss(projected_student: torch.Tensor, teacher_emb: torch.Tensor) -> torc
     return F.smooth_l1_loss(projected_student, teacher_normalised, beta=1.0)
 
 
+def batch_standardised_smooth_l1(projected_student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """Miles, Elezi & Deng, "VkD" (CVPR 2024), the detection form of the representation loss (roymiles/VkD
+    `vidt/methods/vidt/criterion.py`), on tokens (N x C: one row per spatial position or RoI):
+
+        L = SmoothL1_{beta=1, mean}( z(s), z(t) ),   z(x) = (x - mean_0(x)) / std_0(x),
+
+    each channel standardised over the N tokens of the batch on both sides (the paper's task-specific
+    normalisation for detection), std unbiased (torch's default, as the official code). The official code
+    has no eps; here a constant channel's std is floored at 1e-6 so that it gives 0 instead of NaN. The
+    teacher side carries no gradient.
+    """
+    _check_same_shape(projected_student, teacher, "batch_standardised_smooth_l1")
+
+    def standardise(tokens: torch.Tensor) -> torch.Tensor:
+        return (tokens - tokens.mean(dim=0)) / tokens.std(dim=0).clamp_min(1e-6)
+
+    return F.smooth_l1_loss(standardise(projected_student), standardise(teacher.detach()), beta=1.0)
+
+
 def lsh_loss(
     student_emb: torch.Tensor,
     teacher_emb: torch.Tensor,

@@ -26,6 +26,9 @@ FAILED_MARKER = "failed.txt"
 FAILED_JOBS: list[str] = []
 # What `optimized_metric` may name: the summary.json numbers a sweeper can optimise (`train()` returns it).
 METRICS = ("student_top1_reported", "student_top1", "student_top1_best", "student_top1_ema", "student_top5")
+# A detection run's (detection/run.py): mAP@[.5:.95] as reported (`report`: last or best), mAP@.5,
+# VOC07 mAP@.5.
+METRICS += ("student_map_reported", "student_map", "student_map_best", "student_map50", "student_voc07_map50")
 DEFAULT_METRIC = "student_top1_reported"
 OPTUNA_RESULTS = "optimization_results.yaml"
 

@@ -366,7 +366,8 @@ def _trained_or_cached(
 
     recipe = teacher_cfg.recipe
     log.info(
-        f"Teacher {teacher_cfg.arch}: no cached weights for this data/recipe/seed; training it with CE for "
+        f"Teacher {teacher_cfg.arch}: no cached weights for this data/recipe/seed; training it with "
+        f"{getattr(train_with_ce, 'objective_name', 'CE')} for "
         f"{recipe.max_epochs} epochs, then caching it at {weights_path}"
     )
     started = time.perf_counter()
@@ -380,7 +381,8 @@ def _trained_or_cached(
     meta = {"arch": teacher_cfg.arch, "key": key, "val_top1": val_top1, "train_s": round(train_s, 2)}
     meta |= {"recipe": OmegaConf.to_container(recipe, resolve=True), "seed": teacher_cfg.seed}
     atomic_write_text(json.dumps(meta, indent=2), meta_path)
-    log.info(f"Teacher {teacher_cfg.arch}: val top-1 {val_top1:.2f}% after {train_s:.1f}s; cached")
+    score = getattr(train_with_ce, "score_name", "top-1")  # a detector's trainer reports its mAP
+    log.info(f"Teacher {teacher_cfg.arch}: val {score} {val_top1:.2f}% after {train_s:.1f}s; cached")
     return {
         "source": "trained",
         "path": str(weights_path.resolve()),

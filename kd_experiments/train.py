@@ -39,6 +39,7 @@ from kd_experiments.callbacks import (
 )
 from kd_experiments.data.base import ClassificationData
 from kd_experiments.data.sampling import STATISTICS_SEED
+from kd_experiments.detection import run as detection_run
 from kd_experiments.distributed import end_previous_job  # importing it fixes Lightning's DDP child command
 from kd_experiments.errors import UserError
 from kd_experiments.fast_path import FastPath
@@ -105,7 +106,9 @@ def train(cfg: DictConfig) -> float | None:
         if rank_zero_only.rank == 0:  # under DDP every rank runs this function; one writes
             atomic_write_json(summary, summary_path)
     if rank_zero_only.rank == 0:
-        print_result_table(summary)
+        (detection_run.print_result_table if summary.get("task") == "detection" else print_result_table)(
+            summary
+        )
     return objective_value(summary, cfg)  # summary[cfg.optimized_metric], what a sweeper optimises
 
 
@@ -113,6 +116,8 @@ def _phases(cfg: DictConfig, output_dir: Path, start: RunStart, paper: dict | No
     """The run's phases in order, cheap checks first: a config mistake stops the run in seconds, before a
     teacher is trained or downloaded and before any statistics pass."""
     _check_run_numbers(cfg)
+    if detection_run.is_detection(cfg):
+        return _detection_phases(cfg, output_dir, start, paper)
     FastPath.from_config(cfg)  # a bad channels_last / compile value stops the run before any work
     torch.set_float32_matmul_precision(cfg.get("matmul_precision", "highest"))
     protocol = ReportProtocol.from_config(cfg)
@@ -133,6 +138,33 @@ def _phases(cfg: DictConfig, output_dir: Path, start: RunStart, paper: dict | No
         raise
     # The W&B run ends after the report: its summary gets the final numbers summary.json gets.
     finish_logger(trainer.logger, {"status": "completed", "paper_top1": (paper or {}).get("top1")} | fields)
+    return fields
+
+
+def _detection_phases(cfg: DictConfig, output_dir: Path, start: RunStart, paper: dict | None) -> dict:
+    """A detection run (`dataset.task: detection`): its own data, networks and module
+    (`detection/run.py`), the same trainer, fit and logger handling as a classification run."""
+    detection_run.check_config(cfg)
+    end_previous_job()
+    datamodule = detection_run.data_phase(cfg)
+    module = detection_run.build_parts(cfg, datamodule)
+    callbacks = RunCallbacks(cfg, output_dir, ReportProtocol(), monitor=detection_run.MONITOR)
+    trainer = trainer_phase(cfg, output_dir, start.saved, callbacks)
+    try:
+        fit_phase(cfg, trainer, module, datamodule, start.checkpoint, callbacks.preemption)
+        fields = detection_run.summary_fields(cfg, module, trainer, callbacks, paper)
+    except BaseException as error:
+        interrupted = isinstance(error, Interrupted)
+        end = {
+            "status": "interrupted" if interrupted else "failed",
+            "error": f"{type(error).__name__}: {error}",
+        }
+        finish_logger(trainer.logger, end, exit_code=128 + error.signum if interrupted else 1)
+        raise
+    numbers = {key: value for key, value in fields.items() if key.endswith(("map", "map50", "map_reported"))}
+    finish_logger(
+        trainer.logger, {"status": "completed", "paper_map50": (paper or {}).get("map50")} | numbers
+    )
     return fields
 
 
@@ -258,12 +290,14 @@ def _output_cache(cfg: DictConfig, parts: RunParts, teacher: Teacher) -> Teacher
 class RunCallbacks:
     """The callbacks of one run, and the ones whose results the summary reads."""
 
-    def __init__(self, cfg: DictConfig, output_dir: Path, protocol: ReportProtocol):
+    def __init__(
+        self, cfg: DictConfig, output_dir: Path, protocol: ReportProtocol, monitor: str = "val/student_top1"
+    ):  # monitor: what the best checkpoint maximises
         self.throughput = TrainThroughput()
         self.epochs = EpochRecord(self.throughput)
         self.preemption = Preemption(output_dir)
         self.all = [self.throughput, self.epochs, ValidateFinalEpoch(), RandomState(), self.preemption]
-        self.all += _standard_callbacks(cfg, output_dir) + protocol.callbacks(output_dir)
+        self.all += _standard_callbacks(cfg, output_dir, monitor) + protocol.callbacks(output_dir)
         for name, node in (cfg.get("callbacks") or {}).items():  # the user's own, by name
             self.all.append(build(node, f"callbacks.{name}"))
 
@@ -426,7 +460,9 @@ def _save_run_config(cfg: DictConfig, output_dir: Path, continuing: bool) -> Non
     atomic_write_text(OmegaConf.to_yaml(list(hydra_cfg.overrides.task)), folder / "overrides.yaml")
 
 
-def _standard_callbacks(cfg: DictConfig, output_dir: Path) -> list[pl.Callback]:
+def _standard_callbacks(
+    cfg: DictConfig, output_dir: Path, monitor: str = "val/student_top1"
+) -> list[pl.Callback]:
     trainer_cfg = cfg.trainer
     callbacks: list[pl.Callback] = []
     if trainer_cfg.get("enable_checkpointing", True):
@@ -438,7 +474,7 @@ def _standard_callbacks(cfg: DictConfig, output_dir: Path) -> list[pl.Callback]:
                     dirpath=output_dir / "checkpoints",
                     filename="best-epoch{epoch:03d}",
                     auto_insert_metric_name=False,
-                    monitor="val/student_top1",
+                    monitor=monitor,
                     mode="max",
                     save_top_k=1,
                 )

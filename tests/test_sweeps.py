@@ -124,6 +124,7 @@ def test_a_misspelt_optimized_metric_stops_the_run_before_training(workdir, monk
     assert result.returncode == 2
     assert result.stderr.strip() == (
         "error: optimized_metric='student_top1_bset' is not a number summary.json reports; use one of: "
-        "student_top1_reported, student_top1, student_top1_best, student_top1_ema, student_top5"
+        "student_top1_reported, student_top1, student_top1_best, student_top1_ema, student_top5, "
+        "student_map_reported, student_map, student_map_best, student_map50, student_voc07_map50"
     )
     assert not list(workdir.glob("outputs/runs/*/*/summary.json"))

@@ -1,0 +1,1 @@
+"""The detection task: data, detectors, metrics, module (torchvision Faster R-CNN teachers and students)."""

@@ -1,0 +1,155 @@
+"""The detection task end to end through `train(cfg)`: the shapes experiment (a teacher trained on the fly
+and cached, a student distilled from it), a VOC tree and a COCO tree in their on-disk formats trained for an
+epoch and scored, each detection method's terms, and the one-line refusals."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from kd_experiments.train import train
+from tests.conftest import compose_config, refusal_line
+from tests.detection_fixtures import write_coco_tree, write_voc_tree
+
+SMALL = ["fpn_channels=16", "representation_size=32", "rpn_post_nms_top_n_train=50"]
+SMALL += ["box_batch_size_per_image=16", "rpn_batch_size_per_image=16", "box_detections_per_img=10"]
+
+
+def small(role: str, anchors: str, size: int = 64) -> list[str]:
+    kwargs = [f"{role}.model_kwargs.{value}" for value in SMALL]
+    kwargs += [f"{role}.model_kwargs.min_size={size}", f"{role}.model_kwargs.max_size={size}"]
+    return [*kwargs, f"{role}.model_kwargs.anchor_sizes={anchors}"]
+
+
+def quick(root: Path, out: Path, *overrides: str):
+    """experiment=detection_shapes scaled down to seconds: 8 training and 4 validation images, one epoch
+    of teacher and student, narrow detectors."""
+    return compose_config(
+        "experiment=detection_shapes", "logger=none", "dataset.num_train=8", "dataset.num_val=4",
+        "dataset.batch_size=4", "trainer.max_epochs=1", "teacher.recipe.max_epochs=1",
+        "++trainer.enable_progress_bar=false", "++trainer.enable_model_summary=false",
+        *small("teacher", "[8,16,32,64,128]"), *small("student", "[8,16,32,64]"),
+        f"paths.root_dir={root}", f"paths.output_dir={out}", *overrides,
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def shapes_root(tmp_path_factory) -> Path:
+    """A project folder whose teacher cache holds the tiny shapes teacher, trained by a first run."""
+    root = tmp_path_factory.mktemp("detection")
+    train(quick(root, root / "first", "method=detection_l2"))
+    return root
+
+
+def read_summary(folder: Path) -> dict:
+    return json.loads((folder / "summary.json").read_text())
+
+
+def test_shapes_run_trains_and_caches_a_teacher_then_distils(shapes_root, capsys):
+    first = read_summary(shapes_root / "first")
+    assert first["status"] == "completed" and first["task"] == "detection"
+    assert first["teacher_source"] == "trained" and first["method"] == "detection_l2"
+    assert first["epochs"] == 1 and first["steps"] == 2 and first["val_images"] == 4
+    for key in ("map", "map50", "voc07_map50"):
+        for role in ("teacher", "student"):
+            assert 0.0 <= first[f"{role}_{key}"] <= 100.0
+    assert first["student_map_reported"] == first["student_map"]
+    assert set(first["history"][0]) >= {"epoch", "train", "map", "map50", "voc07_map50"}
+    assert set(first["history"][0]["train"]) >= {
+        "detection",
+        "l2",
+        "loss",
+        "loss_classifier",
+        "loss_objectness",
+    }
+    assert Path(first["last_checkpoint"]).is_file() and Path(first["best_checkpoint"]).is_file()
+    # A second run reads the cached teacher and scores it the same.
+    capsys.readouterr()
+    result = train(quick(shapes_root, shapes_root / "second", "method=detection_lshl2"))
+    second = read_summary(shapes_root / "second")
+    assert second["teacher_source"] == "cache" and second["teacher_sha256"] == first["teacher_sha256"]
+    assert second["teacher_map"] == pytest.approx(first["teacher_map"])
+    assert result == second["student_map_reported"]  # what a sweeper optimises
+    table = capsys.readouterr().out
+    assert "mAP@[.5:.95]" in table and "VOC07 mAP@.5" in table and "detection_lshl2 on shapes" in table
+
+
+@pytest.mark.parametrize(
+    "method, terms",
+    [
+        ("detection", {"detection"}),
+        ("detection_lsh", {"detection", "lsh"}),
+        ("detection_kd", {"detection", "kd"}),
+        ("detection_vkd", {"detection", "vkd"}),
+    ],
+)
+def test_every_detection_method_trains_its_terms(method, terms, shapes_root, tmp_path):
+    train(quick(shapes_root, tmp_path / "run", f"method={method}"))
+    summary = read_summary(tmp_path / "run")
+    assert summary["status"] == "completed" and summary["teacher_source"] == "cache"
+    logged = set(summary["history"][0]["train"])
+    assert terms <= logged and {"loss_box_reg", "loss_rpn_box_reg"} <= logged
+    for term in terms:
+        assert torch.isfinite(torch.tensor(summary["history"][0]["train"][term]))
+
+
+def test_the_lsh_hash_std_is_the_teacher_classifier_std(shapes_root, tmp_path):
+    checkpoint_dir = tmp_path / "run"
+    train(quick(shapes_root, checkpoint_dir, "method=detection_lsh"))
+    state = torch.load(checkpoint_dir / "checkpoints/last.ckpt", map_location="cpu", weights_only=False)
+    teacher = torch.load(next((shapes_root / "outputs/teachers").glob("*.pt")), map_location="cpu")
+    std = teacher["roi_heads.box_predictor.cls_score.weight"].std().item()
+    assert state["state_dict"]["method.objectives.lsh.hash_std"].item() == pytest.approx(std)
+    assert state["state_dict"]["method.objectives.lsh.hash_weight"].shape == (4 * 32, 32)
+
+
+def test_a_voc_tree_trains_one_epoch_and_scores_map(tmp_path):
+    write_voc_tree(tmp_path / "VOC2007")
+    cfg = compose_config(
+        "experiment=detection_shapes", "dataset=voc", f"dataset.root={tmp_path / 'VOC2007'}",
+        "dataset.num_workers=0", "logger=none", "trainer.max_epochs=1", "teacher.weights=random",
+        "teacher.train_if_missing=false", "++trainer.enable_progress_bar=false",
+        *small("teacher", "[8,16,32,64,128]"), *small("student", "[8,16,32,64]"),
+        f"paths.root_dir={tmp_path}", f"paths.output_dir={tmp_path / 'run'}",
+    )  # fmt: skip
+    train(cfg)
+    summary = read_summary(tmp_path / "run")
+    assert summary["status"] == "completed" and summary["dataset"] == "voc"
+    assert summary["steps"] == 2  # trainval: 3 images, batch 2 (voc.yaml): 2 batches
+    assert summary["val_images"] == 2  # the two test images
+    assert 0.0 <= summary["student_map50"] <= 100.0
+
+
+def test_a_coco_tree_trains_one_epoch_and_scores_map(tmp_path):
+    write_coco_tree(tmp_path / "coco")
+    cfg = compose_config(
+        "experiment=detection_shapes", "dataset=coco", f"dataset.root={tmp_path / 'coco'}",
+        "dataset.num_classes=3", "dataset.num_workers=0", "logger=none", "trainer.max_epochs=1",
+        "teacher.weights=random", "teacher.train_if_missing=false", "++trainer.enable_progress_bar=false",
+        *small("teacher", "[8,16,32,64,128]"), *small("student", "[8,16,32,64]"),
+        f"paths.root_dir={tmp_path}", f"paths.output_dir={tmp_path / 'run'}",
+    )  # fmt: skip
+    train(cfg)
+    summary = read_summary(tmp_path / "run")
+    assert summary["status"] == "completed" and summary["dataset"] == "coco"
+    assert summary["val_images"] >= 1 and 0.0 <= summary["student_map"] <= 100.0
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["student=resnet20"], "student=resnet20 is a classifier but dataset.task is detection"),
+        (["teacher.output_cache=true"], "teacher.output_cache applies to classification"),
+        (["report=weight_average"], "a detection run reports its last or best epoch's mAP"),
+        (["student.num_classes=5"], "student.num_classes=5 but dataset shapes has 3 object classes"),
+        (["method=kd"], "which a detector does not give"),
+    ],
+)
+def test_detection_refusals_are_one_line(overrides, message, tmp_path, monkeypatch, capsys):
+    line = refusal_line(
+        "experiment=detection_shapes", "logger=none", "teacher.weights=random",
+        "teacher.train_if_missing=false",
+        *overrides, cwd=tmp_path, monkeypatch=monkeypatch, capsys=capsys,
+    )  # fmt: skip
+    assert message in line
