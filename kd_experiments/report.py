@@ -10,10 +10,12 @@ three files into DIR (default: the one PATH when it is a directory, else the cur
   runs that did not finish (failed, interrupted, still running), which are never averaged;
 - report.csv: the same groups, one row each: method, the differing keys (dotted names), n, top1_mean,
   top1_std, paper_top1, delta_to_paper, teacher_top1_mean, seeds;
-- report.png: top-1 per group as bars with error bars and the paper number as a marker, or, for an
+- report.png: the number per group as bars with error bars and the paper number as a marker, or, for an
   ablation (one differing numeric key), top-1 over that key as one line per method.
 
-The averaged number is each run's `student_top1_reported` (its config's `report` protocol). A group's keys
+The averaged number is each run's `student_top1_reported` (its config's `report` protocol), or for a
+detection or multi-label study each run's `student_map_reported` (the mAP its `report_map` names; the CSV
+columns are then named after it: map_mean, map_std, ...). A group's keys
 come from the run's .hydra/config.yaml (or, without it, from the overrides in summary.json); keys that are
 per-run by nature (seed, paths, logger, callbacks, resume, display switches) never split groups, and a key
 whose value follows from the method and the keys already chosen (kd's temperature when method=ce,kd) is
@@ -63,8 +65,15 @@ class Run:
         return str(self.summary.get("method") or self.config.get("method.name") or "?")
 
     @property
+    def is_map(self) -> bool:
+        """A detection or multi-label run: its number is an mAP (`report_map`), not a top-1."""
+        return "student_map_reported" in self.summary
+
+    @property
     def top1(self) -> float | None:
-        value = self.summary.get("student_top1_reported", self.summary.get("student_top1"))
+        """The run's reported number: its top-1, or a detection / multi-label run's reported mAP."""
+        key = "student_map_reported" if self.is_map else "student_top1_reported"
+        value = self.summary.get(key, None if self.is_map else self.summary.get("student_top1"))
         return float(value) if _is_number(value) else None
 
     @property
@@ -77,7 +86,8 @@ class Run:
         paper = self.summary.get("paper")
         if "gap_to_paper" not in self.summary or not isinstance(paper, dict):
             return None
-        return float(paper["top1"]) if _is_number(paper.get("top1")) else None
+        key = self.summary.get("report_map", "map") if self.is_map else "top1"
+        return float(paper[key]) if _is_number(paper.get(key)) else None
 
 
 @dataclass
@@ -103,7 +113,10 @@ class Group:
 
     @property
     def teacher_top1_mean(self) -> float | None:
-        values = [r.summary.get("teacher_top1") for r in self.runs]
+        values = [
+            r.summary.get(f"teacher_{r.summary.get('report_map', 'map')}" if r.is_map else "teacher_top1")
+            for r in self.runs
+        ]
         values = [float(v) for v in values if _is_number(v)]
         return statistics.fmean(values) if values else None
 
@@ -303,10 +316,23 @@ def build_study(summary_paths: list[Path]) -> Study:
 # ---- report.csv ----
 
 
+def score_names(study: Study) -> tuple[str, str]:
+    """The study's number, as a column prefix and a label: `top1`, or for detection / multi-label runs
+    their `report_map` (`map`, `map50`, `voc07_map50`)."""
+    runs = [run for group in study.groups for run in group.runs]
+    if runs and all(run.is_map for run in runs):
+        metric = "/".join(sorted({str(run.summary.get("report_map", "map")) for run in runs}))
+        return metric, {"map": "mAP@[.5:.95]", "map50": "mAP@.5", "voc07_map50": "VOC07 mAP@.5"}.get(
+            metric, metric
+        )
+    return "top1", "top-1"
+
+
 def csv_columns(study: Study) -> list[str]:
+    name = score_names(study)[0]
     return [
-        "method", *study.keys, "n", "top1_mean", "top1_std", "paper_top1", "delta_to_paper",
-        "teacher_top1_mean", "seeds",
+        "method", *study.keys, "n", f"{name}_mean", f"{name}_std", f"paper_{name}", "delta_to_paper",
+        f"teacher_{name}_mean", "seeds",
     ]  # fmt: skip
 
 
@@ -314,13 +340,14 @@ def csv_rows(study: Study) -> list[dict]:
     """One row per group; numbers rounded to 4 decimals, an absent value empty."""
     rows = []
     for group in study.groups:
+        name = score_names(study)[0]
         numbers = {
             "n": len(group.runs),
-            "top1_mean": group.top1_mean,
-            "top1_std": group.top1_std,
-            "paper_top1": group.paper_top1,
+            f"{name}_mean": group.top1_mean,
+            f"{name}_std": group.top1_std,
+            f"paper_{name}": group.paper_top1,
             "delta_to_paper": group.delta_to_paper,
-            "teacher_top1_mean": group.teacher_top1_mean,
+            f"teacher_{name}_mean": group.teacher_top1_mean,
         }
         row = {"method": group.method, **dict(zip(study.keys, group.values, strict=True)), **numbers}
         row["seeds"] = " ".join(_cell(seed) for seed in group.seeds)
@@ -356,7 +383,7 @@ def markdown(study: Study, out_dir: Path, figure: bool = True) -> str:
         "# Study report",
         "",
         f"{study.n_runs} runs: {sum(len(g.runs) for g in study.groups)} finished in {len(study.groups)} "
-        f"group(s), {len(study.unfinished)} not finished. top-1: the student's `student_top1_reported` "
+        f"group(s), {len(study.unfinished)} not finished. {_averaged(study)} "
         f"(report: {', '.join(protocols) or '-'}) in %, mean ± sample std over a group's runs (seeds).",
         "",
         *group_table(study),
@@ -368,10 +395,17 @@ def markdown(study: Study, out_dir: Path, figure: bool = True) -> str:
             "**Repeated seeds** (the same config and seed in several folders, each counted): " + repeated,
         ]
     if figure:
-        lines += ["", "![student top-1 per group](report.png)"]
+        lines += ["", f"![student {score_names(study)[1]} per group](report.png)"]
     if study.unfinished:
         lines += ["", "## Not finished (not averaged)", "", *unfinished_table(study, out_dir)]
     return "\n".join(lines) + "\n"
+
+
+def _averaged(study: Study) -> str:
+    name, label = score_names(study)
+    if name == "top1":
+        return "top-1: the student's `student_top1_reported`"
+    return f"{label}: the student's `student_map_reported` (report_map: {name})"
 
 
 def repeated_seeds(study: Study) -> str:
@@ -393,7 +427,8 @@ def group_table(study: Study) -> list[str]:
     if not study.groups:
         return ["No finished runs."]
     with_paper = any(group.paper_top1 is not None for group in study.groups)
-    numbers = ["n", "top-1 (%)", "teacher top-1 (%)", *(["paper", "Δ paper"] if with_paper else [])]
+    label = score_names(study)[1]
+    numbers = ["n", f"{label} (%)", f"teacher {label} (%)", *(["paper", "Δ paper"] if with_paper else [])]
     header = ["method", *study.keys, *numbers, "seeds"]
     lines = [_md_row(header), "|" + "---|" * (len(study.keys) + 1) + "---:|" * len(numbers) + "---|"]
     for group in study.groups:
@@ -467,7 +502,7 @@ def plot_report(study: Study, path: Path) -> None:
     else:
         _plot_bars(axes, study)
     n_runs = sum(len(g.runs) for g in study.groups)
-    axes.set_title(f"Student top-1, mean ± sample std ({n_runs} finished runs)")
+    axes.set_title(f"Student {score_names(study)[1]}, mean ± sample std ({n_runs} finished runs)")
     figure.savefig(path, dpi=110)
 
 
@@ -490,7 +525,7 @@ def _plot_lines(axes, study: Study, key: str) -> None:
         axes.scatter(xs, ys, marker="*", s=140, color="black", zorder=3, label="paper")
     axes.set_xticks(sorted({g.values[0] for g in study.groups if g.values[0] is not None}))
     axes.set_xlabel(key)
-    axes.set_ylabel("student top-1 (%)")
+    axes.set_ylabel(f"student {score_names(study)[1]} (%)")
     axes.grid(alpha=0.3)
     axes.legend()
 
@@ -514,7 +549,7 @@ def _plot_bars(axes, study: Study) -> None:
         for label in axes.get_xticklabels():
             label.set(rotation=35, ha="right", rotation_mode="anchor")
     axes.set_ylim(*_zoomed_limits(study))
-    axes.set_ylabel("student top-1 (%)")
+    axes.set_ylabel(f"student {score_names(study)[1]} (%)")
     axes.grid(axis="y", alpha=0.3)
 
 

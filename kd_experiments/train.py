@@ -148,7 +148,7 @@ def _detection_phases(cfg: DictConfig, output_dir: Path, start: RunStart, paper:
     end_previous_job()
     datamodule = detection_run.data_phase(cfg)
     module = detection_run.build_parts(cfg, datamodule)
-    callbacks = RunCallbacks(cfg, output_dir, ReportProtocol(), monitor=detection_run.MONITOR)
+    callbacks = RunCallbacks(cfg, output_dir, ReportProtocol(), monitor=detection_run.monitor(cfg))
     trainer = trainer_phase(cfg, output_dir, start.saved, callbacks)
     try:
         fit_phase(cfg, trainer, module, datamodule, start.checkpoint, callbacks.preemption)

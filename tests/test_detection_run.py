@@ -153,3 +153,22 @@ def test_detection_refusals_are_one_line(overrides, message, tmp_path, monkeypat
         *overrides, cwd=tmp_path, monkeypatch=monkeypatch, capsys=capsys,
     )  # fmt: skip
     assert message in line
+
+
+def test_a_report_groups_detection_runs_by_their_reported_map(shapes_root, tmp_path):
+    from kd_experiments.report import main as report
+
+    for seed in (0, 1):
+        train(quick(shapes_root, tmp_path / f"runs/l2_{seed}", "method=detection_l2", f"seed={seed}"))
+    train(quick(shapes_root, tmp_path / "runs/kd_0", "method=detection_kd", "report_map=map50"))
+    assert (
+        report([str(tmp_path / "runs/l2_0"), str(tmp_path / "runs/l2_1"), "--out", str(tmp_path / "l2")]) == 0
+    )
+    text = (tmp_path / "l2/report.md").read_text()
+    assert "mAP@[.5:.95] (%)" in text and "student_map_reported" in text
+    maps = [read_summary(tmp_path / f"runs/l2_{seed}")["student_map_reported"] for seed in (0, 1)]
+    row = (tmp_path / "l2/report.csv").read_text().splitlines()
+    assert row[0].startswith("method,n,map_mean,map_std,paper_map,delta_to_paper,teacher_map_mean")
+    assert float(row[1].split(",")[2]) == pytest.approx(sum(maps) / 2, abs=1e-4)
+    kd = read_summary(tmp_path / "runs/kd_0")
+    assert kd["report_map"] == "map50" and kd["student_map_reported"] == kd["student_map50"]

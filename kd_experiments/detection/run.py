@@ -26,7 +26,6 @@ from kd_experiments.methods.detection import DetectionObjective, DetectorLosses
 from kd_experiments.teachers import build_teacher, teacher_weight_source
 
 log = logging.getLogger(__name__)
-MONITOR = "val/student_map"
 
 
 def is_detection(cfg: DictConfig) -> bool:
@@ -57,6 +56,7 @@ def check_config(cfg: DictConfig) -> None:
             "a detection run reports its last or best epoch's mAP; set report=last (or best) and "
             "ema_decay=null"
         )
+    report_map(cfg)
     if cfg.teacher.get("output_cache"):
         raise UserError(
             "teacher.output_cache applies to classification: a detection teacher reads the student's RoIs, "
@@ -64,6 +64,19 @@ def check_config(cfg: DictConfig) -> None:
         )
     if cfg.get("channels_last") or cfg.compile.get("student") or cfg.compile.get("teacher"):
         raise UserError("channels_last and compile apply to classification runs; turn them off for detection")
+
+
+def report_map(cfg: DictConfig) -> str:
+    """Which mAP a detection run reports as `student_map_reported` (and compares with `paper.<it>`)."""
+    metric = cfg.get("report_map", "map")
+    if metric not in MAP_KEYS:
+        raise UserError(f"report_map={metric!r} is not one of {', '.join(MAP_KEYS)}")
+    return metric
+
+
+def monitor(cfg: DictConfig) -> str:
+    """What the best checkpoint maximises: the reported mAP's validation log."""
+    return f"val/student_{report_map(cfg)}"
 
 
 def data_phase(cfg: DictConfig):
@@ -187,21 +200,23 @@ def summary_fields(cfg: DictConfig, module: DetectionModule, trainer: pl.Trainer
     the run's own numbers and the per-epoch history."""
     history = module.validation_history
     last = history[-1] if history else {}
-    best = max(history, key=lambda entry: entry["map"]) if history else {}
+    metric = report_map(cfg)
+    best = max(history, key=lambda entry: entry[metric]) if history else {}  # the best epoch by it
     teacher_map = module.teacher_map or {}
     fields = {f"student_{key}": last.get(key) for key in MAP_KEYS}
     fields |= {f"student_{key}_best": best.get(key) for key in MAP_KEYS}
     fields |= {f"teacher_{key}": teacher_map.get(key) for key in MAP_KEYS}
-    reported = fields["student_map_best" if cfg.get("report") == "best" else "student_map"]
-    paper_map = (paper or {}).get("map50")
-    if paper_map is not None and (paper or {}).get("dataset") == cfg.dataset.name:
-        fields["gap_to_paper"] = round(fields["student_map50"] - paper_map, 2)
+    reported = fields[f"student_{metric}_best" if cfg.get("report") == "best" else f"student_{metric}"]
+    paper_value = (paper or {}).get(metric)
+    if paper_value is not None and reported is not None and (paper or {}).get("dataset") == cfg.dataset.name:
+        fields["gap_to_paper"] = round(reported - paper_value, 2)
     throughput = callbacks.throughput.images_per_s
-    last_checkpoint, best_checkpoint = (callbacks.checkpoint(m) for m in (None, MONITOR))
+    last_checkpoint, best_checkpoint = (callbacks.checkpoint(m) for m in (None, monitor(cfg)))
     identity = module.teacher_identity
     return fields | {
         "task": "detection",
         "report": cfg.get("report", "last"),
+        "report_map": metric,
         "student_map_reported": reported,
         "student": cfg.student.arch,
         "teacher": cfg.teacher.arch,
@@ -234,16 +249,15 @@ def print_result_table(summary: dict) -> None:
         values = [summary.get(pattern.format(key)) for key in MAP_KEYS]
         table.add_row(label, *("-" if v is None else f"{v:.2f}" for v in values))
     paper = summary.get("paper") or {}
-    if paper.get("map50") is not None:
+    metric = summary.get("report_map", "map")
+    if paper.get(metric) is not None:
         gap = summary.get("gap_to_paper")
-        comparable = (
-            f"{gap:+.2f} points from it"
-            if gap is not None
-            else f"not comparable: paper on {paper.get('dataset')}"
+        where = (
+            f"{gap:+.2f} points from it" if gap is not None else f"not comparable: on {paper.get('dataset')}"
         )
-        table.add_row(
-            f"paper ({paper.get('source', 'published')}); {comparable}", "-", f"{paper['map50']:.2f}", "-"
-        )
+        cells = ["-"] * len(MAP_KEYS)
+        cells[MAP_KEYS.index(metric)] = f"{paper[metric]:.2f}"
+        table.add_row(f"paper ({paper.get('source', 'published')}); this run is {where}", *cells)
     console = Console()
     console.print(table)
     console.print(
