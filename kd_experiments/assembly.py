@@ -13,10 +13,12 @@ from omegaconf import DictConfig, OmegaConf
 from kd_experiments.callbacks import progress_bar
 from kd_experiments.data.base import ClassificationData
 from kd_experiments.errors import UserError
+from kd_experiments.methods.bce import MultiLabelBCE
 from kd_experiments.methods.ce import CrossEntropy
 from kd_experiments.methods.compose import LossWeights, Objectives, assemble
 from kd_experiments.models import extract_features
 from kd_experiments.module import DistillationModule
+from kd_experiments.multilabel.module import MultiLabelModule
 
 
 def build(node, what: str, **kwargs):
@@ -122,7 +124,9 @@ def setup_method(
     the student and size its projectors, and run the objectives that need no teacher statistics once.
     The teacher may still hold random weights: only shapes matter here. Return the student to train."""
     images, labels = zip(*(datamodule.train_set[index] for index in range(2)), strict=True)
-    probe_images, probe_labels = torch.stack(images), torch.as_tensor(labels).long()
+    multi_hot = isinstance(labels[0], torch.Tensor) and labels[0].dim() > 0  # a multi-label data set
+    probe_labels = torch.stack(labels) if multi_hot else torch.as_tensor(labels).long()
+    probe_images = torch.stack(images)
     student_needs = method.student_features | {"logits"}
     student_probe = probe("student", student, student_needs, probe_images, datamodule)
     teacher_images = teacher_input(probe_images) if teacher_input is not None else probe_images
@@ -181,13 +185,20 @@ def train_teacher_with_ce(
     from `seed`; return its validation top-1 (%). What `teachers.build_teacher` calls for a teacher
     trained on the fly: the LightningModule and the CE method live above the teacher code."""
     pl.seed_everything(seed, workers=True, verbose=False)
-    module = DistillationModule(
+    # A multi-label teacher trains with BCE on its multi-hot labels and is scored by its mAP.
+    multilabel = getattr(datamodule, "task", "classification") == "multilabel"
+    term, objective = ("bce", MultiLabelBCE()) if multilabel else ("ce", CrossEntropy())
+    module_class, extra = DistillationModule, {}
+    if multilabel:
+        module_class, extra = MultiLabelModule, {"ap_interpolation": datamodule.ap_interpolation}
+    module = module_class(
         student=model,
-        method=Objectives({"ce": CrossEntropy()}),
-        loss_weights=LossWeights({"ce": 1.0}),
+        method=Objectives({term: objective}),
+        loss_weights=LossWeights({term: 1.0}),
         optimizer=instantiate(recipe.optimizer),
         scheduler=instantiate(recipe.scheduler) if recipe.get("scheduler") else None,
         num_classes=datamodule.num_classes,
+        **extra,
     )
     trainer = pl.Trainer(
         max_epochs=recipe.max_epochs,
@@ -205,4 +216,4 @@ def train_teacher_with_ce(
         trainer.fit(module, datamodule=datamodule)
     finally:
         datamodule.augmentation_seed = run_seed
-    return module.validation_history[-1]["top1"]
+    return module.validation_history[-1]["map" if multilabel else "top1"]

@@ -3,7 +3,7 @@ name: it asks the method which features it needs, runs the networks, and sums th
 their configured weights and warm-ups."""
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import pytorch_lightning as pl
 import torch
@@ -267,7 +267,8 @@ class DistillationModule(pl.LightningModule):
         updates = self.updates_per_epoch()
         for key, epochs in factory.keywords.items():
             if key in TIMM_EPOCH_KEYS and epochs is not None:
-                scaled = [round(e * updates) for e in epochs] if isinstance(epochs, list) else None
+                is_list = isinstance(epochs, Sequence) and not isinstance(epochs, str)  # list or ListConfig
+                scaled = [round(e * updates) for e in epochs] if is_list else None
                 arguments[key] = scaled if scaled is not None else round(epochs * updates)
         return arguments | {"t_in_epochs": False}
 

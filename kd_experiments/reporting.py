@@ -85,9 +85,15 @@ def print_result_table(summary: dict) -> None:
     table.add_column("top-1", justify="right")
     for label, value in _result_rows(summary):
         table.add_row(label, "-" if value is None else f"{value:.2f}%")
+    print_table_and_footer(table, summary)
+
+
+def print_table_and_footer(table: Table, summary: dict) -> None:
+    """A run's closing table, then how long it trained (this attempt) and where its outputs are; every
+    task's table (classification, detection, multi-label) ends this way."""
     console = Console()
     console.print(table)
-    throughput = summary["train_images_per_s"] or "-"
+    throughput = summary.get("train_images_per_s") or "-"
     resumed_at = summary["resumes"][-1]["from_epoch"] if summary.get("resumes") else 0
     resumed = f" (this attempt resumed at epoch {resumed_at})" if resumed_at else ""
     console.print(

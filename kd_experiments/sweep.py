@@ -84,7 +84,10 @@ def check_optimized_metric(cfg: DictConfig) -> str:
 def objective_value(summary: dict, cfg: DictConfig) -> float | None:
     """What a job returns to the sweeper: summary[optimized_metric], or None where the run has no such number
     (the Optuna sweeper then marks the trial failed and the study goes on)."""
-    value = summary.get(check_optimized_metric(cfg))
+    name = check_optimized_metric(cfg)
+    if name == DEFAULT_METRIC and "student_map_reported" in summary:  # a detection / multi-label run
+        name = "student_map_reported"  # the default is the reported number, whichever the task's is
+    value = summary.get(name)
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
         return None  # not NaN: Optuna 2.x refuses a NaN in a way that stops the whole study
     return float(value)

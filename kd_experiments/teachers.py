@@ -15,7 +15,9 @@ import sys
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -45,6 +47,7 @@ DATA_KEYS_IGNORED_BY_CACHE = {
 CACHE_WAIT_ENV = "KD_CACHE_WAIT_S"  # how long a rank > 0 waits for rank zero's cache files
 CACHE_WAIT_DEFAULT_S = 24 * 3600  # rank zero may be training a teacher, which can take hours
 CACHE_POLL_S = 2.0
+T = TypeVar("T")
 # Trains a network with cross-entropy on the data module, with the recipe and seed; returns its val top-1.
 TrainWithCE = Callable[[nn.Module, ClassificationData, DictConfig, int], float]
 
@@ -242,15 +245,28 @@ def _describe_load_error(error: Exception) -> str:
 
 
 def load_weights(model: nn.Module, state_dict: Mapping[str, torch.Tensor], arch: str, where: str) -> None:
-    """Load strictly; on any mismatch stop with one line listing the mismatched keys."""
+    """Load every weight; on any mismatch stop with one line listing the mismatched keys.
+
+    The keys are matched by the model's own `load_state_dict`, after its version hooks: a file saved by an
+    older torchvision (a Faster R-CNN's `fpn.inner_blocks.0.weight`, today `fpn.inner_blocks.0.0.weight`,
+    as LSHFM's released detectors) loads as torchvision itself loads it. Shapes are checked first, on the
+    keys both sides name, so a wrong architecture is reported before anything is copied."""
     expected = model.state_dict()
-    missing = [k for k in expected if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in expected]
     wrong_shape = [
         f"{k} {list(state_dict[k].shape)} vs {list(v.shape)}"
         for k, v in expected.items()
         if k in state_dict and state_dict[k].shape != v.shape
     ]
+    # With a shape already wrong the file is another architecture: name its keys as they are.
+    missing = [k for k in expected if k not in state_dict] if wrong_shape else []
+    unexpected = [k for k in state_dict if k not in expected] if wrong_shape else []
+    if not wrong_shape:
+        try:
+            result = model.load_state_dict(state_dict, strict=False)
+        except RuntimeError as error:  # a renamed key whose shape differs
+            wrong_shape = [" ".join(str(error).split())[:300]]
+        else:
+            missing, unexpected = list(result.missing_keys), list(result.unexpected_keys)
     if missing or unexpected or wrong_shape:
         parts = []
         for label, keys in (
@@ -262,7 +278,6 @@ def load_weights(model: nn.Module, state_dict: Mapping[str, torch.Tensor], arch:
                 shown = ", ".join(keys[:4]) + (f", ... ({len(keys)} in all)" if len(keys) > 4 else "")
                 parts.append(f"{label}: {shown}")
         raise UserError(f"teacher checkpoint {where} does not fit {arch}: {'; '.join(parts)}")
-    model.load_state_dict(state_dict)
 
 
 def file_sha256(path: Path) -> str:
@@ -420,13 +435,19 @@ def prepare_teacher_statistics(
             )  # fmt: skip
             output_cache = TeacherOutputCache(folder, features, output_cache_dtype)
         arguments = (objective, teacher, datamodule, path, output_cache)
-        if not _is_rank_zero():
-            wait_for_files([path], what)
-            statistics = _statistics_cached_or_computed(*arguments)
-        else:
-            with cache_lock(path, what):  # two runs needing one statistic compute it once
-                statistics = _statistics_cached_or_computed(*arguments)
+        statistics = on_rank_zero_or_wait(path, what, partial(_statistics_cached_or_computed, *arguments))
         objective.set_teacher_statistics(statistics)
+
+
+def on_rank_zero_or_wait(path: Path, what: str, cached_or_computed: Callable[[], T]) -> T:
+    """`cached_or_computed()` (which reads the cache entry `path`, or makes and writes it) under the cache's
+    rank rule: global rank zero runs it holding the entry's lock, so two runs needing one entry make it
+    once; any other rank first waits for rank zero's file (`wait_for_files`), so that it only reads."""
+    if not _is_rank_zero():
+        wait_for_files([path], what)
+        return cached_or_computed()
+    with cache_lock(path, what):
+        return cached_or_computed()
 
 
 def _statistics_cached_or_computed(objective, teacher: Teacher, datamodule, path: Path, output_cache) -> dict:
@@ -514,9 +535,13 @@ def _read_cached_statistics(path: Path) -> dict | None:
         return None
 
 
-def _statistics_path(statistic: str, teacher: Teacher, dataset_cfg: DictConfig, cache_dir: str) -> Path:
+def _statistics_path(
+    statistic: str, teacher: Teacher, dataset_cfg: DictConfig, cache_dir: str, extra: dict | None = None
+) -> Path:
     """The cache file of one statistic: keyed by the teacher (its content and input normalisation) and the
-    data config, so an entry of another teacher or data set never matches."""
+    data config, so an entry of another teacher or data set never matches. `extra` (JSON values) keys what
+    else decides the statistic and is not in the weights (a detector's resize and RoI sampling settings,
+    `detection/statistics.py`); without it the key is what it always was."""
     dataset = OmegaConf.to_container(dataset_cfg, resolve=True)
     payload = {
         "format": CACHE_FORMAT,
@@ -524,6 +549,8 @@ def _statistics_path(statistic: str, teacher: Teacher, dataset_cfg: DictConfig, 
         "teacher": teacher.cache_key,
         "dataset": {k: v for k, v in dataset.items() if k not in DATA_KEYS_IGNORED_BY_CACHE},
     }
+    if extra is not None:
+        payload["extra"] = extra
     key = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
     return Path(cache_dir) / "statistics" / f"{statistic}-{teacher.identity['arch']}-{key}.pt"
 

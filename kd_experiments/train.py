@@ -49,6 +49,8 @@ from kd_experiments.methods.compose import LossWeights, Objectives
 from kd_experiments.models import built_name
 from kd_experiments.models.features import has_distill_head
 from kd_experiments.module import DistillationModule
+from kd_experiments.multilabel import module as multilabel
+from kd_experiments.multilabel.module import MultiLabelModule
 from kd_experiments.output_cache import TeacherOutputCache, cache_folder, check_cacheable, check_storage_dtype
 from kd_experiments.reporting import ReportProtocol, print_result_table
 from kd_experiments.resume import (
@@ -106,9 +108,11 @@ def train(cfg: DictConfig) -> float | None:
         if rank_zero_only.rank == 0:  # under DDP every rank runs this function; one writes
             atomic_write_json(summary, summary_path)
     if rank_zero_only.rank == 0:
-        (detection_run.print_result_table if summary.get("task") == "detection" else print_result_table)(
-            summary
-        )
+        printers = {
+            "detection": detection_run.print_result_table,
+            "multilabel": multilabel.print_result_table,
+        }
+        printers.get(summary.get("task"), print_result_table)(summary)
     return objective_value(summary, cfg)  # summary[cfg.optimized_metric], what a sweeper optimises
 
 
@@ -116,8 +120,11 @@ def _phases(cfg: DictConfig, output_dir: Path, start: RunStart, paper: dict | No
     """The run's phases in order, cheap checks first: a config mistake stops the run in seconds, before a
     teacher is trained or downloaded and before any statistics pass."""
     _check_run_numbers(cfg)
+    _check_method_task(cfg)
     if detection_run.is_detection(cfg):
         return _detection_phases(cfg, output_dir, start, paper)
+    if _is_multilabel(cfg):
+        _check_multilabel(cfg)
     FastPath.from_config(cfg)  # a bad channels_last / compile value stops the run before any work
     torch.set_float32_matmul_precision(cfg.get("matmul_precision", "highest"))
     protocol = ReportProtocol.from_config(cfg)
@@ -125,7 +132,8 @@ def _phases(cfg: DictConfig, output_dir: Path, start: RunStart, paper: dict | No
     parts = student_and_objective_phase(cfg, datamodule)
     teacher, teacher_top1 = teacher_phase(cfg, datamodule, parts)
     module = module_phase(cfg, datamodule, parts, teacher, teacher_top1)
-    callbacks = RunCallbacks(cfg, output_dir, protocol)
+    monitor = "val/student_map" if _is_multilabel(cfg) else "val/student_top1"
+    callbacks = RunCallbacks(cfg, output_dir, protocol, monitor=monitor)
     trainer = trainer_phase(cfg, output_dir, start.saved, callbacks)
     try:
         fit_phase(cfg, trainer, module, datamodule, start.checkpoint, callbacks.preemption)
@@ -168,6 +176,40 @@ def _detection_phases(cfg: DictConfig, output_dir: Path, start: RunStart, paper:
     return fields
 
 
+def _check_method_task(cfg: DictConfig) -> None:
+    """A method is written for one task (its YAML's `task`, classification when absent): a detection or
+    multi-label method on other data, or a classification method on them, is one line before any work."""
+    method_task = cfg.method.get("task", "classification")
+    data_task = cfg.dataset.get("task", "classification")
+    if method_task != data_task:
+        raise UserError(
+            f"method {cfg.method.name} is a {method_task} method but dataset {cfg.dataset.name} is "
+            f"{data_task} data; pick a {data_task} method (conf/method/*.yaml with task: {data_task})"
+        )
+
+
+def _is_multilabel(cfg: DictConfig) -> bool:
+    return cfg.dataset.get("task", "classification") == "multilabel"
+
+
+def _check_multilabel(cfg: DictConfig) -> None:
+    """What a multi-label run cannot do, refused before anything is built."""
+    if cfg.get("report", "last") not in ("last", "best") or cfg.get("ema_decay") is not None:
+        raise UserError(
+            "a multi-label run reports its last or best epoch's mAP; set report=last (or best) and "
+            "ema_decay=null"
+        )
+    if cfg.teacher.get("reference_top1") is not None:
+        raise UserError(
+            "teacher.reference_top1 is a top-1; a multi-label teacher is scored by its mAP: set it null"
+        )
+    if "ce" in (cfg.method.get("weights") or {}):
+        raise UserError(
+            f"method {cfg.method.name} trains with ce, the single-label cross-entropy; a multi-label run "
+            "trains with bce: use method=multilabel_bce or multilabel_lshl2 (or weight a bce term)"
+        )
+
+
 def data_phase(cfg: DictConfig) -> ClassificationData:
     """Seed the run, then build the data and check its class count against both networks' configs. The
     data is prepared (downloaded) here, before any Trainer exists, on every rank that runs this: a data module
@@ -201,7 +243,10 @@ def student_and_objective_phase(cfg: DictConfig, datamodule: ClassificationData)
     pl.seed_everything(cfg.teacher.seed, workers=True, verbose=False)  # a trained teacher's init
     teacher_network = create_network("teacher", cfg.teacher, datamodule.image_size)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
-    student = create_network("student", cfg.student, datamodule.image_size)
+    # student.pretrained: a timm tag (ImageNet-initialised students, e.g. LSHFM's multi-label ones)
+    student = create_network(
+        "student", cfg.student, datamodule.image_size, cfg.student.get("pretrained") or False
+    )
     init_classifier(student, cfg.student.get("classifier_init"))
     method, loss_weights = build_method(cfg.method)
     normalisation = teacher_input(cfg.teacher, datamodule)
@@ -249,7 +294,10 @@ def module_phase(cfg, datamodule, parts: RunParts, teacher: Teacher, teacher_top
     optimizer, scheduler, scheduler_interval = parts.optimization
     fast_path = FastPath.from_config(cfg)  # channels_last and compile (fast_path.py)
     fast_path.check_data(datamodule.train_set[0][0], datamodule.name)
-    module = DistillationModule(
+    module_class, extra = DistillationModule, {}
+    if _is_multilabel(cfg):  # the same module scored by its mAP (multilabel/module.py)
+        module_class, extra = MultiLabelModule, {"ap_interpolation": datamodule.ap_interpolation}
+    module = module_class(
         student=parts.student,
         method=parts.method,
         loss_weights=parts.loss_weights,
@@ -261,6 +309,7 @@ def module_phase(cfg, datamodule, parts: RunParts, teacher: Teacher, teacher_top
         clip_scaled_gradients=bool(cfg.get("clip_scaled_gradients", False)),
         output_cache=_output_cache(cfg, parts, teacher),
         fast_path=fast_path,
+        **extra,
     )
     # Measured already (the reference check, on global rank 0; the module broadcasts it when fit starts): the
     # first validation reuses it.
@@ -353,15 +402,21 @@ def report_phase(cfg, protocol: ReportProtocol, module, trainer, callbacks: RunC
     student, teacher = module.student, module.teacher
     identity = module.teacher_identity
     throughput = callbacks.throughput.images_per_s
-    last_checkpoint, best_checkpoint = (callbacks.checkpoint(m) for m in (None, "val/student_top1"))
-    return protocol.summary_fields(module.validation_history, paper, cfg.dataset.name) | {
+    monitor = "val/student_map" if _is_multilabel(cfg) else "val/student_top1"
+    last_checkpoint, best_checkpoint = (callbacks.checkpoint(m) for m in (None, monitor))
+    if _is_multilabel(cfg):
+        history, report = module.validation_history, cfg.get("report", "last")
+        scores = multilabel.summary_fields(report, history, module.teacher_map, paper, cfg.dataset.name)
+    else:
+        scores = protocol.summary_fields(module.validation_history, paper, cfg.dataset.name)
+        scores["teacher_top1"] = module.teacher_top1
+    return scores | {
         "two_head_inference": has_distill_head(student),
         # The networks as built (a ViT fitted to small images says so); `*_arch` is the configured name.
         "student": built_name(cfg.student.arch, student),
         "teacher": built_name(cfg.teacher.arch, teacher),
         "student_arch": cfg.student.arch,
         "teacher_arch": cfg.teacher.arch,
-        "teacher_top1": module.teacher_top1,
         "val_images": module.val_images,  # scored by the last validation, all ranks together: each image once
         "world_size": trainer.world_size,  # processes that trained (DDP ranks)
         "teacher_reference_top1": cfg.teacher.get("reference_top1"),

@@ -123,3 +123,16 @@ def sample_batch():
     import torch
 
     return torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+
+
+def recipe_task(name: str) -> str:
+    """The task of recipe `name` (conf/experiment/<name>.yaml) without composing it: its data set's `task`
+    (detection, multilabel; classification when the data set YAML names none)."""
+    import re
+
+    text = (REPO / "conf/experiment" / f"{name}.yaml").read_text()
+    dataset = re.search(r"override /dataset: (\S+)", text)
+    if dataset is None:
+        return "classification"
+    task = re.search(r"^task: (\w+)", (REPO / "conf/dataset" / f"{dataset.group(1)}.yaml").read_text(), re.M)
+    return task.group(1) if task else "classification"

@@ -414,3 +414,26 @@ def test_an_image_that_does_not_decode_is_one_line(tmp_path):
     with pytest.raises(UserError) as error:
         data.train_set[0]
     assert f"cannot read image {root}/JPEGImages/000002.jpg" in one_line(error)
+
+
+def test_voc_val_difficult_drop_removes_difficult_objects_and_keeps_their_images(tmp_path):
+    """`val_difficult: drop` is LSHFM's test protocol (its reader drops difficult objects from the test set
+    too); `ignore`, the default, keeps them flagged for the metric, as the VOC devkit does. Training is
+    unchanged either way."""
+    root = write_voc_tree(tmp_path / "VOC2007")
+    dropped = VOCData(root=str(root), hflip=0.0, num_workers=0, val_difficult="drop")
+    dropped.setup("fit")
+    assert len(dropped.val_set) == 2  # 000004 keeps its person, loses its difficult bottle; 000005 as it was
+    assert_target(dropped.val_set[0][1], *expected_voc("000004", keep_difficult=False), image_id=0)
+    assert dropped.val_set[0][1]["labels"].tolist() == [voc_label("person")]
+    assert_target(dropped.val_set[1][1], *expected_voc("000005", keep_difficult=False), image_id=1)
+    kept = VOCData(root=str(root), hflip=0.0, num_workers=0)
+    kept.setup("fit")
+    assert kept.val_difficult == "ignore"
+    assert kept.val_set[0][1]["difficult"].tolist() == [False, True]
+    for position in range(len(kept.train_set)):
+        assert torch.equal(kept.train_set[position][1]["boxes"], dropped.train_set[position][1]["boxes"])
+    assert instantiate(compose_config("dataset=voc").dataset).val_difficult == "ignore"
+    with pytest.raises(UserError) as error:
+        VOCData(root=str(root), val_difficult="keep")
+    assert "dataset.val_difficult must be ignore or drop" in one_line(error)

@@ -205,3 +205,29 @@ def test_vkd_detection_projects_every_level_and_the_roi_features():
     ).item() == pytest.approx(loss.item(), rel=1e-5)
     with pytest.raises(ValueError, match="teacher level 5 does not exist or has no student level"):
         BatchStandardisedMimic(levels=[5], roi_embedding=False).setup(student, teacher)
+
+
+def test_a_detector_saved_by_an_older_torchvision_loads_as_torchvision_loads_it():
+    """LSHFM's released detectors were saved by torchvision 0.8, whose FPN and RPN head keys had one level
+    fewer (`fpn.inner_blocks.0.weight`, now `fpn.inner_blocks.0.0.weight`); torchvision renames them when
+    loading, and so must the teacher loader."""
+    import re
+
+    from kd_experiments.teachers import load_weights
+
+    torch.manual_seed(0)
+    saved = create_detector("fasterrcnn_resnet18_fpn", 3, anchor_sizes=[8, 16, 32, 64, 128], **SMALL)
+    old_names = {}
+    for key, value in saved.state_dict().items():
+        key = re.sub(r"(inner_blocks|layer_blocks)\.(\d+)\.0\.", r"\1.\2.", key)
+        old_names[key.replace("rpn.head.conv.0.0.", "rpn.head.conv.")] = value
+    assert "backbone.fpn.inner_blocks.0.weight" in old_names and "rpn.head.conv.weight" in old_names
+    fresh = create_detector("fasterrcnn_resnet18_fpn", 3, anchor_sizes=[8, 16, 32, 64, 128], **SMALL)
+    load_weights(fresh, old_names, "fasterrcnn_resnet18_fpn", "old.ckpt")
+    for (name, mine), theirs in zip(fresh.state_dict().items(), saved.state_dict().values(), strict=True):
+        assert torch.equal(mine, theirs), name
+    old_names["roi_heads.box_predictor.cls_score.weight"] = torch.zeros(7, 32)
+    with pytest.raises(
+        UserError, match=r"shape \(file vs model\): roi_heads.box_predictor.cls_score.weight \[7, 32\]"
+    ):
+        load_weights(fresh, old_names, "fasterrcnn_resnet18_fpn", "old.ckpt")

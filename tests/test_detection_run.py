@@ -143,7 +143,11 @@ def test_a_coco_tree_trains_one_epoch_and_scores_map(tmp_path):
         (["teacher.output_cache=true"], "teacher.output_cache applies to classification"),
         (["report=weight_average"], "a detection run reports its last or best epoch's mAP"),
         (["student.num_classes=5"], "student.num_classes=5 but dataset shapes has 3 object classes"),
-        (["method=kd"], "which a detector does not give"),
+        (["method=kd"], "method kd is a classification method but dataset shapes is detection data"),
+        (
+            ["dataset=digits"],
+            "method detection_l2 is a detection method but dataset digits is classification",
+        ),
     ],
 )
 def test_detection_refusals_are_one_line(overrides, message, tmp_path, monkeypatch, capsys):

@@ -1,5 +1,7 @@
 """Every recipe in conf/experiment/ composes and trains 2 optimizer steps on CPU with its real models and a
-generated stand-in for its data set (CIFAR-format archive; a 10-class ImageFolder tree at 32 px)."""
+generated stand-in for its data set (CIFAR-format archive; a 10-class ImageFolder tree at 32 px). The
+detection and multi-label paper recipes train on generated VOC / COCO trees in tests/test_detection_recipes.py
+and tests/test_multilabel.py instead."""
 
 import json
 import pickle
@@ -10,10 +12,15 @@ import pytest
 from PIL import Image
 
 from kd_experiments.train import train
-from tests.conftest import REPO, compose_config
+from tests.conftest import REPO, compose_config, recipe_task
 
 EXPERIMENTS = sorted(p.stem for p in (REPO / "conf/experiment").glob("*.yaml"))
 RECIPES = [name for name in EXPERIMENTS if not name.startswith("ablation_")]
+# The classification recipes; the detection and multi-label ones train on generated VOC / COCO trees in
+# tests/test_detection_recipes.py and tests/test_multilabel.py.
+CLASSIFICATION_RECIPES = [name for name in RECIPES if recipe_task(name) == "classification"]
+# Examples on embedded or generated data (the digits, the shapes), not paper rows: no `paper` block.
+EXAMPLES = ("digits_kd", "detection_shapes")
 STAND_IN_IMAGE_SIZE = 32  # ImageNet recipes run at 32 px here (224 in the recipe)
 STAND_IN_IMAGENET_CLASSES = 10  # and with 10 classes (the models' heads follow dataset.num_classes)
 
@@ -73,10 +80,10 @@ def test_there_are_recipes():
     assert len(RECIPES) >= 1
 
 
-@pytest.mark.parametrize("name", RECIPES)
+@pytest.mark.parametrize("name", CLASSIFICATION_RECIPES)
 def test_recipe_trains_two_steps_on_a_stand_in(name, stand_in_data, tmp_path):
     cfg = compose_config(*recipe_overrides(name, stand_in_data, tmp_path))
-    paper_recipe = cfg.dataset.name != "digits"  # digits_kd is the embedded example, not a paper row
+    paper_recipe = name not in EXAMPLES
     if paper_recipe:
         assert cfg.get("paper") and "top1" in cfg.paper, "every recipe names its paper number"
         if cfg.paper.top1 is None:  # a row the paper shows only in a figure (ND's larger-teacher study)
@@ -93,4 +100,4 @@ def test_readme_lists_every_recipe_with_its_paper_number():
 
     readme = (REPO / "README.md").read_text()
     assert markdown_table() in readme, "regenerate the README table: python -m kd_experiments.recipes"
-    assert len(recipe_rows()) == len([n for n in RECIPES if n != "digits_kd"])
+    assert len(recipe_rows()) == len([n for n in RECIPES if n not in EXAMPLES])

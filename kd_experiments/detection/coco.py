@@ -62,11 +62,19 @@ def read_categories(data: dict, path: Path) -> list[tuple[int, str]]:
 
 
 def pack_split(
-    data: dict, path: Path, image_folder: Path, labels: dict[int, int], keep_crowd: bool, skip_empty: bool
+    data: dict,
+    path: Path,
+    image_folder: Path,
+    labels: dict[int, int],
+    keep_crowd: bool,
+    skip_empty: bool,
+    keep_boxes_without_area: bool = False,
 ) -> AnnotationPacker:
     """The images of one instances file in sorted id order, with their usable boxes: clamped to the image,
     with area, crowd boxes only with `keep_crowd`. `skip_empty` leaves out images without a usable box (what
-    torchvision's detection reference does for training: such an image teaches only the background)."""
+    torchvision's detection reference does for training: such an image teaches only the background).
+    `keep_boxes_without_area` keeps every annotation whatever its box (the multi-label reader: an object's
+    category is a label even where its box is degenerate)."""
     images = {}
     for number, image in enumerate(data["images"]):
         try:
@@ -104,7 +112,7 @@ def pack_split(
             continue
         _file_name, image_width, image_height = images[image_id]
         box = (max(x, 0.0), max(y, 0.0), min(x + width, image_width), min(y + height, image_height))
-        if box[2] > box[0] and box[3] > box[1]:
+        if keep_boxes_without_area or (box[2] > box[0] and box[3] > box[1]):
             objects.setdefault(image_id, []).append((box, labels[category_id], crowd))
     require_path(image_folder, "COCO image folder", HOW_TO_GET)
     present = set(os.listdir(image_folder))  # one listing, not a file-system call per image

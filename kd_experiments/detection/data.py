@@ -9,6 +9,7 @@ a list of images and a list of targets, not a stacked tensor: (images, targets, 
 keys of `data/sampling.py`, and (images, targets) for validation.
 """
 
+import copy
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -297,6 +298,15 @@ class DetectionData(pl.LightningDataModule):
         """Every validation image, in order, whatever the process: what one process scores on its own (the
         teacher's reference check)."""
         return self._loader(self.val_set, self.eval_batch_size)
+
+    def plain_train_dataloader(self) -> DataLoader:
+        """Every training image once, in order, without the training transform (no flip), whatever the
+        process: the teacher statistics pass (`detection/statistics.py`). Batches are (images, targets).
+        The split's augmentation is its `transform` attribute (`AnnotatedImages`, `GeneratedShapes`), left
+        out on a shallow copy; the images and annotations are shared, not copied."""
+        plain = copy.copy(self.train_set)
+        plain.transform = None
+        return self._loader(plain, self.eval_batch_size)
 
     def transfer_batch_to_device(self, batch, device, dataloader_idx: int):
         """Images and targets to the device; a training batch's keys stay on the CPU, where the teacher-output

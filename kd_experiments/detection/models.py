@@ -5,8 +5,9 @@
     LSHFM ResNet-101 -> ResNet-50 pair (DoctorKey/LSHFM.detection `src/model/faster_rcnn_KD.py`);
   - `mobilenet_v3_large_fpn`, `mobilenet_v3_small_fpn`: an FPN on the last three stages;
   - `vgg11`, `vgg16`: one stride-16 map (conv5's last ReLU), LSHFM's plain VGG detector;
-  - `vgg11_fpn`, `vgg16_fpn`: an FPN on stages 2-5, LSHFM's VGG-FPN detector (its README's VGG16 -> VGG11
-    row, 79.0 / 75.1 mAP).
+  - `vgg11_fpn`, `vgg16_fpn`: an FPN on stages 2-5, each read after its max-pool (strides 4 ... 32, and a
+    max-pooled 64: the ResNet-FPN's), LSHFM's VGG-FPN detector (`src/model/vgg_fpn.py`; its README's
+    VGG16 -> VGG11 row, 79.0 / 75.1 mAP), with its state-dict layout (`backbone.body.layer<k>.0.<i>`).
 
 The box head is torchvision's TwoMLPHead over 7 x 7 RoIAlign features, and its output (`roi_embedding`,
 `representation_size` wide) is the 1024-d "box feature" LSHFM mimics. Widths (`fpn_channels`,
@@ -14,6 +15,7 @@ The box head is torchvision's TwoMLPHead over 7 x 7 RoIAlign features, and its o
 detector and a small one that trains on CPU (`experiment=detection_shapes`).
 """
 
+from collections import OrderedDict
 from pathlib import Path
 
 import torch
@@ -72,10 +74,10 @@ def create_detector(
     `norm`: `batch` (BatchNorm2d, trains from scratch) or `frozen` (FrozenBatchNorm2d, torchvision's choice
     for an ImageNet-initialised backbone). `backbone_weights`: null (random), a torchvision weights name of
     the backbone (`IMAGENET1K_V1`, downloaded by torchvision) or a state_dict file of the classification
-    network. `trainable_layers`: ResNet stages (0-5) or VGG / MobileNet layers left trainable from the
-    top; null trains all. `anchor_sizes`: one size per feature level (FPN: 5 levels; VGG: the sizes of its
-    one level), null for torchvision's 32 ... 512. `min_size` may be a list: training picks one per batch
-    (multi-scale), evaluation uses the last (torchvision's GeneralizedRCNNTransform)."""
+    network. `trainable_layers`: ResNet or VGG-FPN stages (0-5), or plain-VGG / MobileNet layers, left
+    trainable from the top; null trains all. `anchor_sizes`: one size per feature level (FPN: 5 levels;
+    VGG: the sizes of its one level), null for torchvision's 32 ... 512. `min_size` may be a list: training
+    picks one per image (multi-scale), evaluation uses the last (torchvision's GeneralizedRCNNTransform)."""
     backbone_name = _backbone_name(arch)
     if norm not in NORMS:
         raise UserError(f"norm must be one of {', '.join(NORMS)}, got {norm!r}")
@@ -190,23 +192,40 @@ def _backbone(
         return_layers = {f"layer{i}": str(i - 1) for i in range(1, 5)}
         return BackboneWithFPN(network, return_layers, in_channels, fpn_channels, LastLevelMaxPool())
     features = network.features
+    if base in VGGS and name.endswith("_fpn"):
+        return _vgg_fpn(features, fpn_channels, trainable, name)
     if base in MOBILENETS:
         # A block flagged `_is_cn` downsamples; the block before it ends a stage.
         ends = [i - 1 for i, block in enumerate(features) if getattr(block, "_is_cn", False)] + [
             len(features) - 1
         ]
         picked = ends[-3:]
-    else:  # VGG: the ReLU before each max-pool ends a stage (conv1 ... conv5)
-        ends = [i - 1 for i, layer in enumerate(features) if isinstance(layer, nn.MaxPool2d)]
-        picked = ends[1:] if name.endswith("_fpn") else ends[-1:]
+    else:  # plain VGG: conv5's last ReLU (the one before the last max-pool), 512 channels, stride 16
+        picked = [max(i for i, layer in enumerate(features) if isinstance(layer, nn.MaxPool2d)) - 1]
     features = features[: picked[-1] + 1]
     _freeze_all_but_last(list(features), trainable, name)
     channels = [_out_channels(features[: index + 1]) for index in picked]
-    if not name.endswith("_fpn"):  # plain VGG: conv5's map itself, 512 channels, stride 16
+    if base in VGGS:
         features.out_channels = channels[-1]
         return features
     return_layers = {str(index): str(level) for level, index in enumerate(picked)}
     return BackboneWithFPN(features, return_layers, channels, fpn_channels, LastLevelMaxPool())
+
+
+def _vgg_fpn(features: nn.Sequential, fpn_channels: int, trainable: int | None, name: str) -> BackboneWithFPN:
+    """LSHFM's VGG-FPN backbone (DoctorKey/LSHFM.detection `src/model/vgg_fpn.py`): VGG's five stages, each
+    ending with its max-pool, as modules `layer1` ... `layer5`, the FPN on stages 2-5 and a max-pooled level
+    above. Each stage wraps its slice of `features` in one more Sequential, as LSHFM's does, so that the
+    backbone's state-dict keys are LSHFM's (`backbone.body.layer2.0.3.weight`: VGG-11's second conv,
+    features[3]), those of its released VGG16-FPN teacher. `trainable` counts stages from the top (LSHFM:
+    3)."""
+    ends = [i + 1 for i, layer in enumerate(features) if isinstance(layer, nn.MaxPool2d)]
+    stages = [nn.Sequential(features[start:end]) for start, end in zip([0, *ends[:-1]], ends, strict=True)]
+    _freeze_all_but_last(stages, trainable, name)
+    body = nn.Sequential(OrderedDict((f"layer{k}", stage) for k, stage in enumerate(stages, start=1)))
+    channels = [_out_channels(body[:k]) for k in range(2, len(stages) + 1)]
+    return_layers = {f"layer{k}": str(level) for level, k in enumerate(range(2, len(stages) + 1))}
+    return BackboneWithFPN(body, return_layers, channels, fpn_channels, LastLevelMaxPool())
 
 
 def _out_channels(layers: nn.Sequential) -> int:

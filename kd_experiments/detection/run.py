@@ -11,7 +11,6 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.utilities.seed import isolate_rng
-from rich.console import Console
 from rich.table import Table
 
 from kd_experiments.assembly import build, build_method, objective_errors, optimization_factories
@@ -19,10 +18,12 @@ from kd_experiments.callbacks import epoch_history, progress_bar
 from kd_experiments.detection.features import DETECTION_FEATURE_KINDS, probe_pass, teacher_pass
 from kd_experiments.detection.models import create_detector, is_detector_arch
 from kd_experiments.detection.module import MAP_KEYS, DetectionModule
+from kd_experiments.detection.statistics import prepare_detection_statistics
 from kd_experiments.errors import UserError
 from kd_experiments.files import require_writable
 from kd_experiments.methods.compose import LossWeights, Objectives
 from kd_experiments.methods.detection import DetectionObjective, DetectorLosses
+from kd_experiments.reporting import print_table_and_footer
 from kd_experiments.teachers import build_teacher, teacher_weight_source
 
 log = logging.getLogger(__name__)
@@ -183,6 +184,7 @@ def build_parts(cfg: DictConfig, datamodule):
     for objective in method.objectives.values():
         if isinstance(objective, DetectionObjective):
             objective.bind_teacher(teacher.network)
+    prepare_detection_statistics(method, teacher, cfg.dataset, datamodule, cfg.paths.teacher_cache_dir)
     return DetectionModule(
         student=student,
         method=method,
@@ -258,10 +260,4 @@ def print_result_table(summary: dict) -> None:
         cells = ["-"] * len(MAP_KEYS)
         cells[MAP_KEYS.index(metric)] = f"{paper[metric]:.2f}"
         table.add_row(f"paper ({paper.get('source', 'published')}); this run is {where}", *cells)
-    console = Console()
-    console.print(table)
-    console.print(
-        f"{summary['epochs']} epochs in {summary['wall_s']:.1f}s, {summary.get('train_images_per_s') or '-'} "
-        "train images/s"
-    )
-    console.print(f"outputs: {summary['output_dir']}", soft_wrap=True)
+    print_table_and_footer(table, summary)

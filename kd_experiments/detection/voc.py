@@ -24,6 +24,8 @@ VOC_CLASSES = (
 )  # fmt: skip
 LABELS = {name: index + 1 for index, name in enumerate(VOC_CLASSES)}
 YEAR_FOLDER_PARTS = ("JPEGImages", "Annotations", "ImageSets/Main")
+# What validation does with a difficult object: flag it for the metric to ignore (the VOC devkit), or drop it.
+VAL_DIFFICULT = ("ignore", "drop")
 HOW_TO_POINT = (
     "point dataset.root at a VOC year folder (JPEGImages/, Annotations/, ImageSets/Main/) or at a VOCdevkit "
     "folder holding VOC2007/ and VOC2012/"
@@ -154,14 +156,33 @@ def read_objects(path: Path) -> Iterator[tuple[tuple[float, ...], int, bool]]:
         yield (xmin - 1, ymin - 1, xmax, ymax), LABELS[name], difficult == 1
 
 
+def read_images(folders: list[tuple[Path, str]], key: str) -> Iterator[tuple[Path, list]]:
+    """Every image of the (year folder, split) pairs of `dataset.<key>`, in split-file order, with its
+    objects (`read_objects`); an image that a split file lists but JPEGImages/ lacks is one line naming it.
+    Shared by the detection reader and the multi-label one (`multilabel/data.py`)."""
+    for folder, split in folders:
+        split_file, image_ids = read_split_ids(folder, split, key)
+        images = folder / "JPEGImages"
+        present = set(os.listdir(images))  # one listing, not a file-system call per image
+        for image_id in image_ids:
+            if f"{image_id}.jpg" not in present:
+                raise UserError(
+                    f"VOC image {images / image_id}.jpg not found (listed in {split_file}); restore it "
+                    "or remove its line from the split file"
+                )
+            yield images / f"{image_id}.jpg", list(read_objects(folder / "Annotations" / f"{image_id}.xml"))
+
+
 class VOCData(DetectionData):
     """Pascal VOC: `train_sets` and `val_sets` name the splits ([year, split] pairs, see the module
     docstring); the 20 classes are labels 1..20 in the standard order.
 
     Difficult objects: training leaves them out unless `train_with_difficult` (LSHFM's VOC reader drops
-    them, `ignore_difficult=True`, finding training better without them); validation keeps them, flagged
-    `difficult`, for the metric to ignore as the VOC devkit's protocol does. Image ids are positions in the
-    split (the concatenated split, for several [year, split] pairs)."""
+    them, `ignore_difficult=True`, finding training better without them). Validation, by `val_difficult`:
+    `ignore` keeps them, flagged `difficult`, for the metric to ignore as the VOC devkit's protocol does;
+    `drop` removes them from the targets (their images stay), so that a detection of one is a false
+    positive: LSHFM's test protocol, whose `ConvertToCocoAnno(ignore_difficult=True)` reads the test set too.
+    Image ids are positions in the split (the concatenated split, for several [year, split] pairs)."""
 
     name = "voc"
 
@@ -173,6 +194,7 @@ class VOCData(DetectionData):
         train_sets: Sequence = ((2007, "trainval"), (2012, "trainval")),
         val_sets: Sequence = ((2007, "test"),),
         train_with_difficult: bool = False,
+        val_difficult: str = "ignore",
         **common,
     ):
         super().__init__(batch_size, num_workers, **common)
@@ -180,6 +202,12 @@ class VOCData(DetectionData):
         self.train_sets = parse_sets(train_sets, "train_sets")
         self.val_sets = parse_sets(val_sets, "val_sets")
         self.train_with_difficult = bool(train_with_difficult)
+        if val_difficult not in VAL_DIFFICULT:
+            raise UserError(
+                f"dataset.val_difficult must be {' or '.join(VAL_DIFFICULT)} (what validation does with "
+                f"VOC's difficult objects), got {val_difficult!r}"
+            )
+        self.val_difficult = val_difficult
         self.set_classes(VOC_CLASSES, "Pascal VOC")
 
     def read_splits(self) -> tuple[AnnotatedImages, AnnotatedImages]:
@@ -187,22 +215,13 @@ class VOCData(DetectionData):
         train = self._read(
             voc_root.folders(self.train_sets, "train_sets"), "train_sets", self.train_with_difficult
         )
-        val = self._read(voc_root.folders(self.val_sets, "val_sets"), "val_sets", keep_difficult=True)
+        val = self._read(
+            voc_root.folders(self.val_sets, "val_sets"), "val_sets", self.val_difficult == "ignore"
+        )
         return train.dataset(self.train_transform()), val.dataset(None)
 
     def _read(self, folders: list[tuple[Path, str]], key: str, keep_difficult: bool) -> AnnotationPacker:
         packer = AnnotationPacker()
-        for folder, split in folders:
-            split_file, image_ids = read_split_ids(folder, split, key)
-            images = folder / "JPEGImages"
-            present = set(os.listdir(images))  # one listing, not a file-system call per image
-            for image_id in image_ids:
-                if f"{image_id}.jpg" not in present:
-                    raise UserError(
-                        f"VOC image {images / image_id}.jpg not found (listed in {split_file}); restore it "
-                        "or remove its line from the split file"
-                    )
-                annotation = folder / "Annotations" / f"{image_id}.xml"
-                objects = [obj for obj in read_objects(annotation) if keep_difficult or not obj[2]]
-                packer.add(str(images / f"{image_id}.jpg"), len(packer), objects)
+        for image, objects in read_images(folders, key):
+            packer.add(str(image), len(packer), [obj for obj in objects if keep_difficult or not obj[2]])
         return packer
