@@ -3,6 +3,7 @@ loss weights, the optimizer and scheduler factories, both networks probed with o
 or feature mistake costs seconds), and the CE training of a teacher made on the fly."""
 
 from contextlib import contextmanager
+from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
@@ -19,6 +20,7 @@ from kd_experiments.methods.compose import LossWeights, Objectives, assemble
 from kd_experiments.models import extract_features
 from kd_experiments.module import DistillationModule
 from kd_experiments.multilabel.module import MultiLabelModule
+from kd_experiments.teachers import load_weights, read_state_dict
 
 
 def build(node, what: str, **kwargs):
@@ -217,3 +219,36 @@ def train_teacher_with_ce(
     finally:
         datamodule.augmentation_seed = run_seed
     return module.validation_history[-1]["map" if multilabel else "top1"]
+
+
+def initial_student_weights(student_cfg: DictConfig, student: torch.nn.Module) -> None:
+    """`student.checkpoint`: start from these weights (a state_dict file, or a run's Lightning checkpoint,
+    whose `student.*` weights are read), loaded into the student as the method adapted it (LSHFM's feat_fc
+    included): the second stage of a two-stage recipe starts from the first stage's last.ckpt."""
+    path = student_cfg.get("checkpoint")
+    if path:
+        state = read_state_dict(Path(path).expanduser(), role="student")
+        load_weights(student, state, student_cfg.arch, str(path), role="student")
+
+
+def freeze_student(student_cfg: DictConfig, student: torch.nn.Module) -> None:
+    """`student.trainable`: train only the student's parameters under these module names (e.g. [feat_fc],
+    LSHFM's first multi-label stage); the rest keep their weights (BatchNorm statistics still update, as
+    there). null trains everything."""
+    prefixes = student_cfg.get("trainable")
+    if prefixes is None:
+        return
+    names = [name for name, _ in student.named_parameters()]
+
+    def under(name: str, prefix: str) -> bool:
+        return name == prefix or name.startswith(prefix + ".")
+
+    unknown = [prefix for prefix in prefixes if not any(under(name, prefix) for name in names)]
+    if unknown:
+        modules = sorted({name.split(".")[0] for name in names})
+        raise UserError(
+            f"student.trainable names {unknown}, which the student has no parameters under; its modules: "
+            f"{', '.join(modules)}"
+        )
+    for name, parameter in student.named_parameters():
+        parameter.requires_grad_(any(under(name, prefix) for prefix in prefixes))

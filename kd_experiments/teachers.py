@@ -205,15 +205,16 @@ def model_kwargs(model_cfg: DictConfig) -> dict:
     return {} if extra is None else OmegaConf.to_container(extra, resolve=True)
 
 
-def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+def read_state_dict(path: Path, role: str = "teacher") -> dict[str, torch.Tensor]:
     """Read a state dict from a plain state_dict file, a Lightning checkpoint (our own: the student's
-    weights) or an mdistiller/RepDistiller file ({'model': state_dict}). Always `weights_only=True`."""
+    weights) or an mdistiller/RepDistiller file ({'model': state_dict}). Always `weights_only=True`.
+    `role` names the config key in the messages (`teacher.checkpoint`, `student.checkpoint`)."""
     if not path.is_file():
-        raise UserError(f"teacher checkpoint not found: {path}; set teacher.checkpoint to an existing file")
+        raise UserError(f"{role} checkpoint not found: {path}; set {role}.checkpoint to an existing file")
     try:
         content = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
-        raise UserError(f"could not read teacher checkpoint {path}: {_describe_load_error(error)}") from None
+        raise UserError(f"could not read {role} checkpoint {path}: {_describe_load_error(error)}") from None
     state_dict = content
     if isinstance(content, Mapping) and isinstance(content.get("state_dict"), Mapping):
         state_dict = content["state_dict"]
@@ -225,7 +226,7 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         isinstance(v, torch.Tensor) for v in state_dict.values()
     ):
         raise UserError(
-            f"teacher checkpoint {path} holds a {type(content).__name__}, not a state dict of tensors; "
+            f"{role} checkpoint {path} holds a {type(content).__name__}, not a state dict of tensors; "
             "pass a state_dict file, a Lightning .ckpt, or an mdistiller {'model': state_dict} file"
         )
     return {key.removeprefix("module."): value for key, value in state_dict.items()}
@@ -244,7 +245,9 @@ def _describe_load_error(error: Exception) -> str:
     return f"not a readable PyTorch checkpoint, truncated or not a torch.save file ({first_sentence})"
 
 
-def load_weights(model: nn.Module, state_dict: Mapping[str, torch.Tensor], arch: str, where: str) -> None:
+def load_weights(
+    model: nn.Module, state_dict: Mapping[str, torch.Tensor], arch: str, where: str, role: str = "teacher"
+) -> None:
     """Load every weight; on any mismatch stop with one line listing the mismatched keys.
 
     The keys are matched by the model's own `load_state_dict`, after its version hooks: a file saved by an
@@ -277,7 +280,7 @@ def load_weights(model: nn.Module, state_dict: Mapping[str, torch.Tensor], arch:
             if keys:
                 shown = ", ".join(keys[:4]) + (f", ... ({len(keys)} in all)" if len(keys) > 4 else "")
                 parts.append(f"{label}: {shown}")
-        raise UserError(f"teacher checkpoint {where} does not fit {arch}: {'; '.join(parts)}")
+        raise UserError(f"{role} checkpoint {where} does not fit {arch}: {'; '.join(parts)}")
 
 
 def file_sha256(path: Path) -> str:

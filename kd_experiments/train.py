@@ -24,7 +24,9 @@ from kd_experiments.assembly import (
     build,
     build_method,
     check_class_counts,
+    freeze_student,
     init_classifier,
+    initial_student_weights,
     optimization_factories,
     setup_method,
     train_teacher_with_ce,
@@ -251,6 +253,8 @@ def student_and_objective_phase(cfg: DictConfig, datamodule: ClassificationData)
     method, loss_weights = build_method(cfg.method)
     normalisation = teacher_input(cfg.teacher, datamodule)
     student = setup_method(method, student, teacher_network, datamodule, normalisation)
+    initial_student_weights(cfg.student, student)
+    freeze_student(cfg.student, student)
     return RunParts(student, method, loss_weights, optimization_factories(cfg), teacher_network)
 
 

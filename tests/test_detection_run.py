@@ -176,3 +176,29 @@ def test_a_report_groups_detection_runs_by_their_reported_map(shapes_root, tmp_p
     assert float(row[1].split(",")[2]) == pytest.approx(sum(maps) / 2, abs=1e-4)
     kd = read_summary(tmp_path / "runs/kd_0")
     assert kd["report_map"] == "map50" and kd["student_map_reported"] == kd["student_map50"]
+
+
+@pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")  # a step called without a Trainer
+def test_the_detection_teacher_is_frozen_and_outside_the_module(shapes_root, tmp_path):
+    """Eval mode, no gradient, not in parameters() (so not in the optimizer) nor in state_dict(), and its
+    weights unchanged by a training step that reads its RoI features."""
+    from kd_experiments.detection import run as detection_run
+    from kd_experiments.detection.data import collate_detection
+
+    cfg = quick(shapes_root, tmp_path / "run", "method=detection_lshl2")
+    datamodule = detection_run.data_phase(cfg)
+    module = detection_run.build_parts(cfg, datamodule)
+    teacher = module.teacher
+    before = {name: value.clone() for name, value in teacher.state_dict().items()}
+    assert not teacher.training
+    owned = {id(p) for p in module.parameters()}
+    assert not any(id(p) in owned for p in teacher.parameters())
+    assert not any(key.startswith("teacher") or "_frozen_teacher" in key for key in module.state_dict())
+    module.train()
+    images, targets = collate_detection([datamodule.train_set[i] for i in range(4)])[:2]
+    loss = module.training_step((images, targets, None), 0)
+    loss.backward()
+    assert not teacher.training  # module.train() does not reach it
+    assert all(p.grad is None for p in teacher.parameters())
+    assert all(torch.equal(before[name], value) for name, value in teacher.state_dict().items())
+    assert any(p.grad is not None for p in module.student.parameters())

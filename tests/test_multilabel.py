@@ -159,7 +159,8 @@ def test_lshfm_multilabel_recipe_trains_two_steps_on_a_generated_tree(
     monkeypatch.setattr(teachers, "create_model", no_download)
     cfg = compose_config(
         f"experiment={name}", *data, "dataset.image_size=64", "dataset.num_workers=0", "dataset.batch_size=2",
-        "dataset.eval_batch_size=2", "teacher.weights=random", "logger=none", "trainer.max_steps=2",
+        "dataset.eval_batch_size=2", "teacher.weights=random", "student.checkpoint=null", "logger=none",
+        "trainer.max_steps=2",
         "++trainer.enable_progress_bar=false", "++trainer.enable_checkpointing=false",
         f"paths.root_dir={tmp_path}", f"paths.output_dir={tmp_path / 'run'}",
     )  # fmt: skip
@@ -168,3 +169,59 @@ def test_lshfm_multilabel_recipe_trains_two_steps_on_a_generated_tree(
     assert summary["status"] == "completed" and summary["steps"] == 2
     assert summary["paper"]["map"] == paper and summary["report"] == "best"
     assert (recipe.student.arch, recipe.student.pretrained) in requested  # student.pretrained is used
+
+
+def test_a_two_stage_recipe_trains_feat_fc_alone_then_starts_stage_two_from_it(tmp_path, monkeypatch):
+    """Stage 1 (`*_stage1`) trains only feat_fc (the optimizer holds state for its weight and bias alone)
+    into the run folder stage 2 reads by default; stage 2 then starts from that checkpoint's student, and
+    without it stops in one line."""
+    import json
+
+    from kd_experiments import teachers
+    from kd_experiments.train import train
+    from tests.conftest import compose_config
+    from tests.detection_fixtures import write_coco_tree
+
+    build = teachers.create_model
+    monkeypatch.setattr(teachers, "create_model", lambda *a, pretrained=False, **k: build(*a, **k))
+    write_coco_tree(tmp_path / "data", splits=("train2014", "val2014"))
+    name = "lshfm_coco_multilabel_resnet101_mobilenetv2"
+
+    def config(recipe: str, out: str, *extra: str):
+        return compose_config(
+            f"experiment={recipe}", f"dataset.root={tmp_path / 'data'}", "dataset.num_classes=3",
+            "dataset.image_size=64", "dataset.num_workers=0", "dataset.batch_size=2",
+            "dataset.eval_batch_size=2", "teacher.weights=random", "logger=none", "trainer.max_steps=2",
+            "++trainer.enable_progress_bar=false",
+            f"paths.root_dir={tmp_path}", f"paths.output_dir={out}", *extra,
+        )  # fmt: skip
+
+    stage1 = config(f"{name}_stage1", str(tmp_path / f"outputs/lshfm_stage1/{name}"))
+    assert list(stage1.student.trainable) == ["feat_fc"] and stage1.method.weights.bce == 0.0
+    with pytest.raises(UserError, match="student checkpoint not found: .*set student.checkpoint"):
+        train(config(name, str(tmp_path / "early")))
+    train(stage1)
+    checkpoint = torch.load(
+        tmp_path / f"outputs/lshfm_stage1/{name}/checkpoints/last.ckpt",
+        map_location="cpu",
+        weights_only=False,
+    )
+    moved = checkpoint["optimizer_states"][0]["state"]
+    assert len(moved) == 2  # feat_fc's weight and bias: nothing else was trained
+    train(config(name, str(tmp_path / "stage2")))
+    summary = json.loads((tmp_path / "stage2/summary.json").read_text())
+    assert summary["status"] == "completed" and summary["steps"] == 2
+
+
+def test_student_trainable_names_must_exist():
+    from omegaconf import OmegaConf
+
+    from kd_experiments.assembly import freeze_student
+    from kd_experiments.models import create_model
+
+    student = create_model("resnet8", 10)
+    with pytest.raises(UserError, match=r"student.trainable names \['feat_fc'\], which the student has no"):
+        freeze_student(OmegaConf.create({"trainable": ["feat_fc"]}), student)
+    freeze_student(OmegaConf.create({"trainable": ["fc"]}), student)
+    trained = [name for name, p in student.named_parameters() if p.requires_grad]
+    assert trained == ["fc.weight", "fc.bias"]

@@ -100,4 +100,5 @@ def test_readme_lists_every_recipe_with_its_paper_number():
 
     readme = (REPO / "README.md").read_text()
     assert markdown_table() in readme, "regenerate the README table: python -m kd_experiments.recipes"
-    assert len(recipe_rows()) == len([n for n in RECIPES if n not in EXAMPLES])
+    # a two-stage recipe's first stage (`*_stage1`) is not a table row: its second stage is
+    assert len(recipe_rows()) == len([n for n in RECIPES if n not in EXAMPLES and not n.endswith("_stage1")])

@@ -13,7 +13,14 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.utilities.seed import isolate_rng
 from rich.table import Table
 
-from kd_experiments.assembly import build, build_method, objective_errors, optimization_factories
+from kd_experiments.assembly import (
+    build,
+    build_method,
+    freeze_student,
+    initial_student_weights,
+    objective_errors,
+    optimization_factories,
+)
 from kd_experiments.callbacks import epoch_history, progress_bar
 from kd_experiments.detection.features import DETECTION_FEATURE_KINDS, probe_pass, teacher_pass
 from kd_experiments.detection.models import create_detector, is_detector_arch
@@ -62,6 +69,11 @@ def check_config(cfg: DictConfig) -> None:
         raise UserError(
             "teacher.output_cache applies to classification: a detection teacher reads the student's RoIs, "
             "which change every step; set teacher.output_cache=false"
+        )
+    if cfg.student.get("pretrained") or cfg.teacher.get("pretrained"):
+        raise UserError(
+            "a detector's ImageNet backbone comes from model_kwargs.backbone_weights (e.g. IMAGENET1K_V1), "
+            "not a timm pretrained tag; set student.pretrained=null and teacher.pretrained=null"
         )
     if cfg.get("channels_last") or cfg.compile.get("student") or cfg.compile.get("teacher"):
         raise UserError("channels_last and compile apply to classification runs; turn them off for detection")
@@ -173,6 +185,8 @@ def build_parts(cfg: DictConfig, datamodule):
     student = create_network("student", cfg.student)
     method, loss_weights = build_method(cfg.method)
     setup_method(method, student, teacher_network, datamodule)
+    initial_student_weights(cfg.student, student)
+    freeze_student(cfg.student, student)
     optimizer, scheduler, interval = optimization_factories(cfg)
     if teacher_weight_source(cfg.teacher) == "train":
         require_writable(Path(cfg.paths.teacher_cache_dir), "paths.teacher_cache_dir")
