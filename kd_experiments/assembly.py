@@ -202,6 +202,14 @@ def train_teacher_with_ce(
         num_classes=datamodule.num_classes,
         **extra,
     )
+    fit_teacher(module, datamodule, recipe, seed)
+    return module.validation_history[-1]["map" if multilabel else "top1"]
+
+
+def fit_teacher(module: pl.LightningModule, datamodule, recipe: DictConfig, seed: int) -> None:
+    """Train a teacher's module for `recipe.max_epochs` on one device, without logger or checkpoints, with
+    one validation at the end, on the teacher's own augmentation stream (`seed`): the shared part of
+    training a classifier (`train_teacher_with_ce`) or a detector (`detection.run.train_detector`)."""
     trainer = pl.Trainer(
         max_epochs=recipe.max_epochs,
         accelerator=recipe.get("accelerator", "auto"),
@@ -218,7 +226,6 @@ def train_teacher_with_ce(
         trainer.fit(module, datamodule=datamodule)
     finally:
         datamodule.augmentation_seed = run_seed
-    return module.validation_history[-1]["map" if multilabel else "top1"]
 
 
 def initial_student_weights(student_cfg: DictConfig, student: torch.nn.Module) -> None:

@@ -87,16 +87,7 @@ def create_detector(
     norm_layer = FrozenBatchNorm2d if norm == "frozen" else nn.BatchNorm2d
     backbone = _backbone(backbone_name, fpn_channels, norm_layer, backbone_weights, trainable_layers)
     levels = _level_names(backbone)
-    sizes = anchor_sizes if anchor_sizes is not None else [32, 64, 128, 256, 512]
-    if len(levels) == 1:  # one map (plain VGG): every anchor size on it, as LSHFM's VGG detector
-        anchors = AnchorGenerator((tuple(sizes),), (tuple(aspect_ratios),))
-    else:
-        if len(sizes) != len(levels):
-            raise UserError(
-                f"anchor_sizes gives {len(sizes)} sizes but {arch} has {len(levels)} feature levels; "
-                f"give one size per level, e.g. {[2 ** (5 + i) for i in range(len(levels))]}"
-            )
-        anchors = AnchorGenerator(tuple((size,) for size in sizes), (tuple(aspect_ratios),) * len(sizes))
+    anchors = _anchor_generator(arch, levels, anchor_sizes, aspect_ratios)
     pooled_levels = [name for name in levels if name != "pool"]  # torchvision pools the FPN's maps only
     roi_pool = MultiScaleRoIAlign(pooled_levels, ROI_SIZE, sampling_ratio=2)
     box_head = TwoMLPHead(backbone.out_channels * ROI_SIZE**2, representation_size)
@@ -118,6 +109,22 @@ def create_detector(
         box_detections_per_img=box_detections_per_img,
         box_score_thresh=box_score_thresh,
     )
+
+
+def _anchor_generator(
+    arch: str, levels: list[str], anchor_sizes: list[int] | None, aspect_ratios: tuple[float, ...]
+) -> AnchorGenerator:
+    """One anchor size per feature level (torchvision's 32 ... 512 when none are given); a one-map
+    detector (plain VGG) gets every size on its map, as LSHFM's VGG detector."""
+    sizes = anchor_sizes if anchor_sizes is not None else [32, 64, 128, 256, 512]
+    if len(levels) == 1:
+        return AnchorGenerator((tuple(sizes),), (tuple(aspect_ratios),))
+    if len(sizes) != len(levels):
+        raise UserError(
+            f"anchor_sizes gives {len(sizes)} sizes but {arch} has {len(levels)} feature levels; "
+            f"give one size per level, e.g. {[2 ** (5 + i) for i in range(len(levels))]}"
+        )
+    return AnchorGenerator(tuple((size,) for size in sizes), (tuple(aspect_ratios),) * len(sizes))
 
 
 def _backbone_name(arch: str) -> str:

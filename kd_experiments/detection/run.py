@@ -16,12 +16,13 @@ from rich.table import Table
 from kd_experiments.assembly import (
     build,
     build_method,
+    fit_teacher,
     freeze_student,
     initial_student_weights,
     objective_errors,
     optimization_factories,
 )
-from kd_experiments.callbacks import epoch_history, progress_bar
+from kd_experiments.callbacks import epoch_history
 from kd_experiments.detection.features import DETECTION_FEATURE_KINDS, probe_pass, teacher_pass
 from kd_experiments.detection.models import create_detector, is_detector_arch
 from kd_experiments.detection.module import MAP_KEYS, DetectionModule
@@ -152,22 +153,7 @@ def train_detector(model: torch.nn.Module, datamodule, recipe: DictConfig, seed:
         scheduler_interval=recipe.get("scheduler_interval", "epoch"),
         num_classes=datamodule.num_classes,
     )
-    trainer = pl.Trainer(
-        max_epochs=recipe.max_epochs,
-        accelerator=recipe.get("accelerator", "auto"),
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        check_val_every_n_epoch=recipe.max_epochs,
-        callbacks=[progress_bar()],
-    )
-    run_seed, datamodule.augmentation_seed = datamodule.augmentation_seed, seed
-    try:
-        trainer.fit(module, datamodule=datamodule)
-    finally:
-        datamodule.augmentation_seed = run_seed
+    fit_teacher(module, datamodule, recipe, seed)
     return module.validation_history[-1]["map"]
 
 
